@@ -1,0 +1,210 @@
+"""The applier: build a planned lab in the kernel, start its node agents, tear it down.
+
+Everything created is recorded in the lab's state directory *before* it is created, and
+any failure (or Ctrl-C) tears the partial lab down again, so nothing is left half-built.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import naming
+from ..errors import ApplyError, NetsimError
+from ..plan.state import LabPlan, Namespace
+from ..runtime.podcheck import answers
+from ..runtime.wait import wait_for
+from . import kernel, labstate, netns
+from .labstate import LabState, Process
+
+STOP_GRACE = 3.0
+
+
+@dataclass
+class UpReport:
+    plan: LabPlan
+    seconds: float
+
+
+def up(plan: LabPlan, source: str = "", timeout: float = 30.0) -> UpReport:
+    """Create the lab and return once every pod answers. On any failure, undo it all."""
+    t0 = time.monotonic()
+    st = labstate.begin(plan.lab, source, [ns.name for ns in plan.namespaces])
+    labstate.save_plan(plan)
+    try:
+        build(plan)
+        for node in plan.nodes:
+            start_podserver(plan, node.name, st)
+        wait_pods(plan, timeout)
+        st.status = "up"
+        st.save()
+    except BaseException as exc:
+        st.status = "failed"
+        st.save()
+        teardown(st)
+        if isinstance(exc, (NetsimError, KeyboardInterrupt, SystemExit)):
+            raise
+        raise ApplyError(f"bringing up lab {plan.lab}", f"{type(exc).__name__}: {exc}") from exc
+    return UpReport(plan, time.monotonic() - t0)
+
+
+def build(plan: LabPlan) -> None:
+    """Namespaces first, then each namespace's links, addresses, routes, sysctls and rules.
+
+    The order (underlay, nodes, externals, pods) means every interface a namespace
+    configures was already created by the namespace that owns its veth peer.
+    """
+    for ns in plan.namespaces:
+        netns.create(ns.name)
+    for ns in plan.namespaces:
+        build_namespace(ns, plan.iptables_backend)
+
+
+def build_namespace(ns: Namespace, iptables_backend: str) -> None:
+    ipr = netns.iproute(ns.name)
+    try:
+        kernel.create_links(ns, ipr)
+        kernel.configure(ns, ipr)
+    finally:
+        ipr.close()
+    kernel.set_sysctls(ns)
+    kernel.restore_iptables(ns.name, ns.iptables, iptables_backend)
+
+
+# -- node agents ----------------------------------------------------------------
+
+def podserver_spec(plan: LabPlan, node: str) -> dict:
+    return {"node": node, "pods": [
+        {"name": p.name, "namespace": p.namespace, "netns": p.netns,
+         "ports": [{"port": x.port, "protocol": x.protocol, "name": x.name} for x in p.ports]}
+        for p in plan.pods if p.node == node]}
+
+
+def start_podserver(plan: LabPlan, node: str, st: LabState) -> Process:
+    """Start the node's pod server (one process serves every pod of the node)."""
+    d = st.dir
+    spec = d / f"podserver-{node}.json"
+    labstate.write_json(spec, podserver_spec(plan, node))
+    ready = d / f"podserver-{node}.ready"
+    ready.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "netsim.agents.podserver", "--spec", str(spec),
+            "--control", str(d / f"podserver-{node}.sock"), "--ready-file", str(ready)]
+    return start_agent(st, "podserver", plan.node(node).netns, node, args)
+
+
+def start_agent(st: LabState, role: str, ns: str, node: str, args: list[str]) -> Process:
+    """Run ``args`` inside namespace ``ns`` as a detached process recorded in the lab state."""
+    log = open(st.dir / "logs" / f"{role}-{node}.log", "ab")
+    try:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns] + args, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    finally:
+        log.close()
+    rec = Process(proc.pid, role, ns, labstate.start_time(proc.pid))
+    st.processes.append(rec)
+    st.save()
+    return rec
+
+
+def wait_pods(plan: LabPlan, timeout: float) -> None:
+    """Wait for each pod server's ready file, then for every pod to answer from its node."""
+    deadline = time.monotonic() + timeout
+    d = labstate.lab_dir(plan.lab)
+    for node in plan.nodes:
+        wait_for(lambda: (d / f"podserver-{node.name}.ready").exists(),
+                 f"the pod server on {node.name} (log: {d / 'logs' / f'podserver-{node.name}.log'})",
+                 max(deadline - time.monotonic(), 0.1))
+    netns_of = {n.name: n.netns for n in plan.nodes}
+    for pod in plan.pods:
+        wait_for(lambda: answers(pod, netns_of[pod.node]),
+                 f"pod {pod.key} ({pod.ip} on {pod.node}) to answer",
+                 max(deadline - time.monotonic(), 0.1))
+
+
+# -- teardown --------------------------------------------------------------------
+
+def down(lab: str) -> LabState:
+    st = LabState.load(lab)
+    teardown(st)
+    return st
+
+
+def teardown(st: LabState) -> None:
+    """Stop the lab's processes, then unpin its namespaces, then forget it."""
+    st.status = "deleting"
+    if st.dir.exists():
+        st.save()
+    for proc in st.processes:
+        if labstate.start_time(proc.pid) == proc.start_time:
+            _signal(proc.pid, signal.SIGTERM)
+    _wait_gone([p.pid for p in st.processes if labstate.start_time(p.pid) == p.start_time])
+    # Anything else still running inside the lab (a user's exec, a stray agent).
+    inodes = {i for name in st.netns if (i := netns.inode(name)) is not None}
+    strays = [pid for pid in netns.pids_inside(inodes) if pid != os.getpid()]
+    for pid in strays:
+        _signal(pid, signal.SIGTERM)
+    _wait_gone(strays)
+    for name in reversed(st.netns):
+        netns.remove(name)
+    labstate.remove_dir(st.lab)
+
+
+def clean(lab: str | None = None) -> list[str]:
+    """Remove labs from their state files, and namespaces carrying netsim's marker that
+    no state file accounts for (left by a crash between mkdir and the first save)."""
+    removed = []
+    for name in ([lab] if lab else labstate.labs()):
+        try:
+            st = LabState.load(name)
+        except NetsimError:
+            st = LabState(name, netns=netns.listed(naming.lab_prefix(name)))
+        st.netns = sorted(set(st.netns) | set(netns.listed(naming.lab_prefix(name))))
+        teardown(st)
+        removed.append(name)
+    known = set(labstate.labs())
+    prefix = naming.lab_prefix(lab) if lab else naming.NETNS_PREFIX
+    orphans = [n for n in netns.listed(prefix) if n.split(".")[1] not in known]
+    if orphans:
+        labs = sorted({n.split(".")[1] for n in orphans})
+        for name in labs:
+            teardown(LabState(name, netns=[n for n in orphans if n.split(".")[1] == name]))
+            if name not in removed:
+                removed.append(name)
+    return removed
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_gone(pids: list[int]) -> None:
+    def gone() -> bool:
+        alive = False
+        for pid in pids:
+            try:
+                os.waitpid(pid, os.WNOHANG)          # reap our own children
+            except ChildProcessError:
+                pass
+            alive = alive or labstate.pid_alive(pid) and not _zombie(pid)
+        return not alive
+    try:
+        wait_for(gone, "processes to exit", STOP_GRACE)
+    except NetsimError:
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        wait_for(gone, f"processes {pids} to exit after SIGKILL", STOP_GRACE)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

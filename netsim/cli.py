@@ -1,0 +1,184 @@
+"""``netsim`` command line: up, down, status, exec, shell, clean, validate, plan."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from .errors import NetsimError, TopologyError
+
+USAGE_EXIT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except TopologyError as err:
+        print(f"netsim: invalid topology: {err}", file=sys.stderr)
+        for line in err.lines():
+            print(f"  - {line}", file=sys.stderr)
+        return USAGE_EXIT
+    except NetsimError as err:
+        print(f"netsim: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("netsim: interrupted", file=sys.stderr)
+        return 130
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="netsim", description=(
+        "Emulate the Kubernetes network data plane on the real Linux kernel."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("up", help="bring a topology up; returns when every pod answers")
+    s.add_argument("topology")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness (default 60)")
+    s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("down", help="tear a lab down, leaving nothing behind")
+    s.add_argument("lab", nargs="?", help="lab name (default: the only lab up)")
+    s.set_defaults(func=cmd_down)
+
+    s = sub.add_parser("status", help="nodes, subnets and pods of a running lab")
+    s.add_argument("lab", nargs="?")
+    s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("exec", help="run a command inside a node, pod or external host")
+    s.add_argument("--lab", "-l")
+    s.add_argument("target", help="node, external, pod or namespace/pod")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...] (default: a shell)")
+    s.set_defaults(func=cmd_exec)
+
+    s = sub.add_parser("shell", help="interactive shell, Mininet style ('<node> <cmd>')")
+    s.add_argument("lab", nargs="?")
+    s.set_defaults(func=cmd_shell)
+
+    s = sub.add_parser("clean", help="remove everything netsim created (all labs, or one)")
+    s.add_argument("lab", nargs="?")
+    s.set_defaults(func=cmd_clean)
+
+    s = sub.add_parser("validate", help="check a topology and its manifests; create nothing")
+    s.add_argument("topology")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("plan", help="print the desired state planned for a topology (no root needed)")
+    s.add_argument("topology")
+    s.add_argument("-o", "--output", choices=("json", "yaml"), default="yaml")
+    s.set_defaults(func=cmd_plan)
+    return p
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise NetsimError("this command programs network namespaces and needs root (try sudo)")
+
+
+def _interrupt_on_term() -> None:
+    """SIGTERM/SIGHUP during ``up`` unwind like Ctrl-C, so the partial lab is removed."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+def cmd_up(args) -> int:
+    from .apply import lab as applier
+    from .plan.lab import plan_lab
+    from .report import as_json, status_dict, status_text
+    from .apply.labstate import LabState
+    from .topology import load
+
+    topo = load(args.topology)
+    _need_root()
+    _interrupt_on_term()
+    report = applier.up(plan_lab(topo), os.path.abspath(args.topology), args.timeout)
+    st = LabState.load(topo.name)
+    if args.output == "json":
+        print(as_json(dict(status_dict(report.plan, st), upSeconds=round(report.seconds, 3))))
+    else:
+        print(status_text(report.plan, st))
+        print(f"\nlab {topo.name} is up in {report.seconds:.2f}s; every pod answered. "
+              f"Try: netsim exec {report.plan.nodes[0].name} -- ip route; netsim down {topo.name}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from .apply import lab as applier
+    from .apply.labstate import resolve_lab
+    _need_root()
+    lab = resolve_lab(args.lab)
+    applier.down(lab)
+    print(f"lab {lab} is down; nothing of it is left")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .apply import labstate
+    from .report import as_json, status_dict, status_text
+    lab = labstate.resolve_lab(args.lab)
+    plan, st = labstate.load_plan(lab), labstate.LabState.load(lab)
+    print(as_json(status_dict(plan, st)) if args.output == "json" else status_text(plan, st))
+    return 0
+
+
+def cmd_exec(args) -> int:
+    from .apply import labstate
+    _need_root()
+    lab = labstate.resolve_lab(args.lab)
+    plan = labstate.load_plan(lab)
+    target = plan.find(args.target)
+    if target is None:
+        names = [n.name for n in plan.nodes] + [e.name for e in plan.externals] + [p.name for p in plan.pods]
+        raise NetsimError(f"no node, external or pod named {args.target!r} in lab {lab} "
+                          f"(known: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    command = command or [os.environ.get("SHELL", "/bin/bash")]
+    os.execvp("ip", ["ip", "netns", "exec", target.netns] + command)
+    return 0   # not reached
+
+
+def cmd_shell(args) -> int:
+    from .apply import labstate
+    from .shell import LabShell
+    _need_root()
+    lab = labstate.resolve_lab(args.lab)
+    LabShell(labstate.load_plan(lab)).cmdloop()
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from .apply import lab as applier
+    _need_root()
+    removed = applier.clean(args.lab)
+    print(f"removed: {', '.join(removed)}" if removed else "nothing to clean")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .topology import load
+    topo = load(args.topology)
+    print(f"{args.topology}: ok — lab {topo.name}, {len(topo.nodes)} nodes, {len(topo.externals)} externals, "
+          f"{len(topo.pods)} pods, {len(topo.services)} services")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan.lab import plan_lab
+    from .report import as_json
+    from .topology import load
+    plan = plan_lab(load(args.topology))
+    if args.output == "json":
+        print(as_json(plan.to_dict()))
+    else:
+        import yaml
+        print(yaml.safe_dump(plan.to_dict(), sort_keys=False, width=120), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Desired kernel state, as plain frozen data. The planner builds it; the applier programs it.
+
+A lab is a list of network namespaces. Each declares its links, addresses, routes,
+sysctls and iptables-restore text. A veth is declared once, in the namespace of its
+near end, with the namespace its peer end is moved into.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    kind: str                          # bridge | veth
+    mtu: int
+    master: str | None = None          # bridge to enslave to
+    hairpin: bool = False              # bridge port hairpin mode (pods reaching themselves)
+    peer: str | None = None            # veth: the other end's name ...
+    peer_netns: str | None = None      # ... and the namespace it lives in
+    peer_mtu: int | None = None
+
+
+@dataclass(frozen=True)
+class Address:
+    dev: str
+    cidr: str                          # "10.244.1.1/24"
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: str                           # "default" or a CIDR
+    dev: str
+    via: str | None = None
+    onlink: bool = False
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str                          # netns name under /run/netns
+    role: str                          # underlay | node | external | pod
+    owner: str                         # the machine or pod it belongs to
+    links: tuple[Link, ...] = ()
+    addresses: tuple[Address, ...] = ()
+    routes: tuple[Route, ...] = ()
+    sysctls: tuple[tuple[str, str], ...] = ()
+    iptables: str = ""                 # iptables-restore --noflush input
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    port: int
+    protocol: str
+    name: str | None
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str
+    netns: str
+    address: str                       # underlay IP
+    subnet: str                        # pod subnet, flannel lease
+    gateway: str                       # cni0 address (first IP of the subnet)
+    mtu: int                           # pod and bridge MTU
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PodPlan:
+    name: str
+    namespace: str
+    node: str
+    netns: str
+    ip: str
+    host_veth: str
+    labels: dict[str, str]
+    ports: tuple[PortPlan, ...]
+    owner: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ExternalPlan:
+    name: str
+    netns: str
+    address: str
+
+
+@dataclass(frozen=True)
+class LabPlan:
+    lab: str
+    pod_cidr: str
+    service_cidr: str
+    underlay_cidr: str
+    overlay: str
+    proxy_mode: str
+    iptables_backend: str
+    underlay_netns: str
+    nodes: tuple[NodePlan, ...]
+    externals: tuple[ExternalPlan, ...]
+    pods: tuple[PodPlan, ...]
+    namespaces: tuple[Namespace, ...]  # creation order: underlay, nodes, externals, pods
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def node(self, name: str) -> NodePlan:
+        return next(n for n in self.nodes if n.name == name)
+
+    def find(self, name: str):
+        """A node, external or pod by name (``pod`` or ``namespace/pod``); None if unknown."""
+        for group in (self.nodes, self.externals):
+            for item in group:
+                if item.name == name:
+                    return item
+        for pod in self.pods:
+            if name in (pod.name, pod.key):
+                return pod
+        return None
+
+    @staticmethod
+    def from_dict(data: dict) -> "LabPlan":
+        def ns(d: dict) -> Namespace:
+            return Namespace(d["name"], d["role"], d["owner"],
+                             tuple(Link(**x) for x in d["links"]),
+                             tuple(Address(**x) for x in d["addresses"]),
+                             tuple(Route(**x) for x in d["routes"]),
+                             tuple(tuple(x) for x in d["sysctls"]), d["iptables"])
+        return LabPlan(
+            **{k: data[k] for k in ("lab", "pod_cidr", "service_cidr", "underlay_cidr", "overlay",
+                                    "proxy_mode", "iptables_backend", "underlay_netns")},
+            nodes=tuple(NodePlan(**n) for n in data["nodes"]),
+            externals=tuple(ExternalPlan(**e) for e in data["externals"]),
+            pods=tuple(PodPlan(**{**p, "ports": tuple(PortPlan(**x) for x in p["ports"])}) for p in data["pods"]),
+            namespaces=tuple(ns(d) for d in data["namespaces"]))

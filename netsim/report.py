@@ -1,0 +1,62 @@
+"""Human-readable tables and JSON for ``up`` and ``status``."""
+from __future__ import annotations
+
+import json
+
+from .apply import labstate, netns
+from .apply.labstate import LabState
+from .plan.state import LabPlan
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join(fmt.format(*r).rstrip() for r in [header] + rows)
+
+
+def ports_text(ports) -> str:
+    return ",".join(f"{p.port}/{p.protocol}" + (f"({p.name})" if p.name else "") for p in ports) or "-"
+
+
+def status_dict(plan: LabPlan, st: LabState | None) -> dict:
+    procs = st.processes if st else []
+    agent = {p.netns: p for p in procs if p.role == "podserver"}
+    def alive(ns: str) -> bool:
+        rec = agent.get(ns)
+        return bool(rec and labstate.start_time(rec.pid) == rec.start_time)
+    return {
+        "lab": plan.lab, "status": st.status if st else "planned",
+        "podCIDR": plan.pod_cidr, "serviceCIDR": plan.service_cidr,
+        "underlayCIDR": plan.underlay_cidr, "overlay": plan.overlay, "proxyMode": plan.proxy_mode,
+        "nodes": [{"name": n.name, "address": n.address, "podSubnet": n.subnet, "bridge": n.gateway,
+                   "mtu": n.mtu, "netns": n.netns, "present": netns.exists(n.netns),
+                   "podServer": alive(n.netns), "labels": n.labels} for n in plan.nodes],
+        "externals": [{"name": e.name, "address": e.address, "netns": e.netns,
+                       "present": netns.exists(e.netns)} for e in plan.externals],
+        "pods": [{"name": p.name, "namespace": p.namespace, "node": p.node, "ip": p.ip,
+                  "hostVeth": p.host_veth, "netns": p.netns, "present": netns.exists(p.netns),
+                  "ports": [{"port": x.port, "protocol": x.protocol, "name": x.name} for x in p.ports]}
+                 for p in plan.pods],
+    }
+
+
+def status_text(plan: LabPlan, st: LabState | None) -> str:
+    d = status_dict(plan, st)
+    lines = [f"lab {plan.lab}: {d['status']} — {len(plan.nodes)} nodes, {len(plan.externals)} externals, "
+             f"{len(plan.pods)} pods (podCIDR {plan.pod_cidr}, overlay {plan.overlay}, proxy {plan.proxy_mode})", ""]
+    lines.append(table([[n["name"], n["address"], n["podSubnet"], f"cni0 {n['bridge']}", str(n["mtu"]),
+                         str(sum(1 for p in plan.pods if p.node == n["name"])),
+                         "ok" if n["present"] and n["podServer"] else ("no pod server" if n["present"] else "missing")]
+                        for n in d["nodes"]],
+                       ["NODE", "ADDRESS", "POD SUBNET", "BRIDGE", "MTU", "PODS", "STATE"]))
+    if plan.externals:
+        lines += ["", table([[e["name"], e["address"], "ok" if e["present"] else "missing"] for e in d["externals"]],
+                            ["EXTERNAL", "ADDRESS", "STATE"])]
+    if plan.pods:
+        lines += ["", table([[p.key, p.node, p.ip, ports_text(p.ports), p.host_veth] for p in plan.pods],
+                            ["POD", "NODE", "IP", "PORTS", "HOST VETH"])]
+    return "\n".join(lines)
+
+
+def as_json(data) -> str:
+    return json.dumps(data, indent=2)

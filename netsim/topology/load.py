@@ -1,0 +1,248 @@
+"""Read a topology file and its manifests, validate everything, return a ``Topology``.
+
+Every problem is collected with its path and a hint; if there is any, ``TopologyError``
+is raised before anything is created.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import naming
+from ..errors import Problem, TopologyError
+from ..plan.scheduler import pod_key, schedule
+from .check import Checker, join
+from .manifests import ManifestSet, expand_deployment, read_object
+from .model import (IPTABLES_BACKENDS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluster, ExternalSpec,
+                    NodeSpec, Topology)
+
+TOP_FIELDS = {"name", "cluster", "nodes", "externals", "manifests"}
+CLUSTER_FIELDS = {"podCIDR", "serviceCIDR", "nodeSubnetLength", "underlayCIDR", "underlayMTU",
+                  "proxyMode", "overlay", "registry", "registryEndpoint", "loadBalancerPool",
+                  "bridge", "iptablesBackend"}
+LAB_NAME_MAX = 32
+
+
+def load(path: str | os.PathLike) -> Topology:
+    """Load and validate the topology at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TopologyError([Problem(str(path), f"cannot read topology file: {exc.strerror}")], str(path)) from None
+    return load_text(text, base_dir=path.parent, source=str(path))
+
+
+def load_text(text: str, base_dir: str | os.PathLike = ".", source: str = "<topology>") -> Topology:
+    """Validate topology YAML given as text; manifest paths are relative to ``base_dir``."""
+    ck = Checker()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TopologyError([_yaml_problem(source, exc)], source) from None
+    topo = _build(data, Path(base_dir), source, ck)
+    if ck.problems:
+        raise TopologyError(ck.problems, source)
+    assert topo is not None
+    return topo
+
+
+def _yaml_problem(source: str, exc: yaml.YAMLError) -> Problem:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+    reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return Problem(where, f"malformed YAML: {reason}", "check indentation and quoting near that line")
+
+
+def _build(data: Any, base: Path, source: str, ck: Checker) -> Topology | None:
+    top = ck.mapping(data, "", required=True)
+    if not top and data is not None and not isinstance(data, dict):
+        return None
+    ck.fields(top, "", TOP_FIELDS)
+    name = ck.dns_label(top.get("name"), "name", LAB_NAME_MAX)
+    cluster = _cluster(ck.mapping(top.get("cluster"), "cluster"), ck)
+    nodes = _hosts(top.get("nodes"), "nodes", ck, NodeSpec, required=True)
+    externals = _hosts(top.get("externals"), "externals", ck, ExternalSpec)
+    manifests = _manifests(top.get("manifests"), base, ck)
+    pods = list(manifests.pods)
+    for dep in manifests.deployments:
+        pods.extend(expand_deployment(dep))
+    _cross_check(cluster, nodes, externals, manifests, pods, ck)
+    if name is None or ck.problems:
+        return None
+    return Topology(name, cluster, tuple(nodes), tuple(externals), tuple(pods),
+                    tuple(manifests.deployments), tuple(manifests.services),
+                    tuple(manifests.slices), source)
+
+
+def _cluster(raw: dict, ck: Checker) -> Cluster:
+    ck.fields(raw, "cluster", CLUSTER_FIELDS)
+    d = Cluster()
+    net = lambda key, default: (ck.network(raw[key], f"cluster.{key}") or default) if key in raw else default
+    pod_cidr = net("podCIDR", d.pod_cidr)
+    length = d.node_subnet_length
+    if "nodeSubnetLength" in raw:
+        lo = min(pod_cidr.prefixlen + 2, 30)
+        got = ck.integer(raw["nodeSubnetLength"], "cluster.nodeSubnetLength", lo, 30,
+                         f"flannel needs room for at least 4 node subnets in podCIDR {pod_cidr}")
+        length = got if got is not None else length
+    elif pod_cidr.prefixlen > 22:
+        length = min(pod_cidr.prefixlen + 2, 30)          # flannel's SubnetLen default rule
+    pool: list[IPv4Network] = []
+    for i, item in enumerate(ck.sequence(raw.get("loadBalancerPool"), "cluster.loadBalancerPool")):
+        if (n := ck.network(item, f"cluster.loadBalancerPool[{i}]")) is not None:
+            pool.append(n)
+    mtu = d.underlay_mtu
+    if "underlayMTU" in raw:
+        mtu = ck.integer(raw["underlayMTU"], "cluster.underlayMTU", 1280, 9000) or mtu
+    bridge = d.bridge
+    if "bridge" in raw:
+        bridge = ck.dns_label(raw["bridge"], "cluster.bridge", naming.IFNAMSIZ) or bridge
+    return Cluster(
+        pod_cidr=pod_cidr, service_cidr=net("serviceCIDR", d.service_cidr), node_subnet_length=length,
+        underlay_cidr=net("underlayCIDR", d.underlay_cidr), underlay_mtu=mtu,
+        proxy_mode=ck.choice(raw.get("proxyMode"), "cluster.proxyMode", PROXY_MODES, d.proxy_mode),
+        overlay=ck.choice(raw.get("overlay"), "cluster.overlay", OVERLAYS, d.overlay),
+        registry=ck.choice(raw.get("registry"), "cluster.registry", REGISTRIES, d.registry),
+        registry_endpoint=ck.string(raw.get("registryEndpoint"), "cluster.registryEndpoint"),
+        load_balancer_pool=tuple(pool), bridge=bridge,
+        iptables_backend=ck.choice(raw.get("iptablesBackend"), "cluster.iptablesBackend",
+                                   IPTABLES_BACKENDS, d.iptables_backend))
+
+
+def _hosts(raw: Any, key: str, ck: Checker, cls: type, required: bool = False) -> list:
+    items = ck.sequence(raw, key, required=required)
+    if required and isinstance(raw, list) and not raw:
+        ck.error(key, "must list at least one node")
+    out = []
+    why = f" (the switch-side interface '<name>{naming.UNDERLAY_PORT_SUFFIX}' must fit the 15-byte interface name limit)"
+    for i, item in enumerate(items):
+        path = f"{key}[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        item = ck.mapping(item, path)
+        known = {"name", "address"} | ({"labels"} if cls is NodeSpec else set())
+        ck.fields(item, path, known)
+        name = ck.dns_label(item.get("name"), join(path, "name"), naming.HOST_NAME_MAX, why)
+        address = ck.address(item["address"], join(path, "address")) if "address" in item else None
+        if cls is NodeSpec:
+            labels = ck.labels(item.get("labels"), join(path, "labels"))
+            labels.setdefault("kubernetes.io/hostname", name or "")
+            out.append(NodeSpec(name or f"<{path}>", labels, address))
+        else:
+            out.append(ExternalSpec(name or f"<{path}>", address))
+    return out
+
+
+def _manifests(raw: Any, base: Path, ck: Checker) -> ManifestSet:
+    out = ManifestSet()
+    for i, item in enumerate(ck.sequence(raw, "manifests")):
+        where = f"manifests[{i}]"
+        if isinstance(item, dict):
+            read_object(item, where, ck, out)
+            continue
+        if not isinstance(item, str):
+            ck.error(where, "must be a file path or an inline Kubernetes object")
+            continue
+        path = base / item
+        try:
+            docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        except OSError as exc:
+            ck.error(where, f"cannot read {item}: {exc.strerror}", f"paths are relative to {base}")
+            continue
+        except yaml.YAMLError as exc:
+            p = _yaml_problem(str(path), exc)
+            ck.error(f"{where} ({p.path})", p.message, p.hint)
+            continue
+        for j, doc in enumerate(docs):
+            read_object(doc, f"{where} ({item}#{j})" if len(docs) > 1 else f"{where} ({item})", ck, out)
+    return out
+
+
+def _cross_check(cluster: Cluster, nodes: list, externals: list, m: ManifestSet, pods: list, ck: Checker) -> None:
+    """Checks that span sections: overlaps, duplicates, placement and capacity."""
+    cidrs = {"cluster.podCIDR": cluster.pod_cidr, "cluster.serviceCIDR": cluster.service_cidr,
+             "cluster.underlayCIDR": cluster.underlay_cidr}
+    keys = list(cidrs)
+    for a in range(len(keys)):
+        for b in range(a + 1, len(keys)):
+            if cidrs[keys[a]].overlaps(cidrs[keys[b]]):
+                ck.error(keys[b], f"{cidrs[keys[b]]} overlaps {keys[a]} {cidrs[keys[a]]}",
+                         "pod, service and underlay ranges must be disjoint")
+    for i, pool in enumerate(cluster.load_balancer_pool):
+        for key in ("cluster.podCIDR", "cluster.serviceCIDR"):
+            if pool.overlaps(cidrs[key]):
+                ck.error(f"cluster.loadBalancerPool[{i}]", f"{pool} overlaps {key} {cidrs[key]}")
+    # Duplicate machine names (nodes and externals share the underlay namespace).
+    for name, count in Counter(h.name for h in nodes + externals).items():
+        if count > 1:
+            ck.error("nodes" if any(n.name == name for n in nodes) else "externals",
+                     f"duplicate name {name!r}", "node and external names must be unique")
+    # Underlay addresses: room, explicit ones inside and unique.
+    hosts = cluster.underlay_cidr.num_addresses - 3       # network, broadcast, reserved .1 gateway
+    if len(nodes) + len(externals) > hosts:
+        ck.error("cluster.underlayCIDR", f"{cluster.underlay_cidr} has room for {hosts} machines, "
+                 f"{len(nodes) + len(externals)} are declared", "use a larger underlay CIDR")
+    seen: dict = {}
+    for key, group in (("nodes", nodes), ("externals", externals)):
+        for i, h in enumerate(group):
+            if h.address is None:
+                continue
+            if h.address not in cluster.underlay_cidr or h.address in (cluster.underlay_cidr.network_address, cluster.underlay_cidr.broadcast_address):
+                ck.error(f"{key}[{i}].address", f"{h.address} is not a host address of underlayCIDR {cluster.underlay_cidr}")
+            elif h.address in seen:
+                ck.error(f"{key}[{i}].address", f"{h.address} is already used by {seen[h.address]}")
+            seen[h.address] = h.name
+    # Node subnets: flannel never hands out the first subnet (SubnetMin = network + 1 subnet).
+    subnets = 2 ** (cluster.node_subnet_length - cluster.pod_cidr.prefixlen) - 1
+    if len(nodes) > subnets:
+        ck.error("nodes", f"{len(nodes)} nodes but podCIDR {cluster.pod_cidr} holds only {subnets} "
+                 f"/{cluster.node_subnet_length} node subnets", "use a larger podCIDR or longer nodeSubnetLength")
+    # Kubernetes object names.
+    for kind, objs in (("Pod", pods), ("Deployment", m.deployments), ("Service", m.services),
+                       ("EndpointSlice", m.slices)):
+        for (ns, name), count in Counter((o.namespace, o.name) for o in objs).items():
+            if count > 1:
+                src = next(o.source for o in objs if (o.namespace, o.name) == (ns, name))
+                ck.error(f"{src} {kind} {name}", f"duplicate {kind} {ns}/{name}", "names must be unique in a namespace")
+    # Node ports are cluster-wide; ClusterIPs too.
+    used_np: dict[tuple[int, str], str] = {}
+    used_ip: dict[str, str] = {}
+    for svc in m.services:
+        where = f"{svc.source} Service {svc.name}: spec"
+        for i, port in enumerate(svc.ports):
+            if port.node_port is None:
+                continue
+            key = (port.node_port, port.protocol)
+            if key in used_np:
+                ck.error(f"{where}.ports[{i}].nodePort", f"{port.node_port}/{port.protocol} is already used by Service {used_np[key]}",
+                         "each nodePort can be allocated once")
+            used_np[key] = f"{svc.namespace}/{svc.name}"
+        ip = svc.cluster_ip
+        if ip and ip != "None":
+            if IPv4Address(ip) not in cluster.service_cidr:
+                ck.error(f"{where}.clusterIP", f"{ip} is not inside serviceCIDR {cluster.service_cidr}")
+            elif ip in used_ip:
+                ck.error(f"{where}.clusterIP", f"{ip} is already allocated to Service {used_ip[ip]}")
+            used_ip[ip] = f"{svc.namespace}/{svc.name}"
+    # Placement and per-node capacity (host-local: all hosts of the subnet but the gateway).
+    known = {n.name for n in nodes}
+    for pod in pods:
+        if pod.node_name is not None and pod.node_name not in known:
+            ck.error(f"{pod.source} {'Pod' if pod.owner is None else pod.owner} {pod.name if pod.owner is None else ''}".rstrip() + ": spec.nodeName",
+                     f"node {pod.node_name!r} does not exist", f"nodes are: {', '.join(sorted(known))}")
+    placed, failed = schedule([p for p in pods if p.node_name is None or p.node_name in known], tuple(nodes))
+    for f in failed:
+        ck.error(f"{f.pod.source} {f.pod.owner or 'Pod'}: spec.nodeSelector", f"pod {f.pod.name}: {f.reason}",
+                 "label a node to match, or change the selector")
+    capacity = 2 ** (32 - cluster.node_subnet_length) - 3
+    for node, count in Counter(placed.values()).items():
+        if count > capacity:
+            ck.error(f"nodes[{[n.name for n in nodes].index(node)}]",
+                     f"{count} pods are scheduled on node {node}, but a /{cluster.node_subnet_length} subnet holds {capacity}",
+                     "add nodes, reduce replicas, or shorten nodeSubnetLength")
