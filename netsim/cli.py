@@ -58,6 +58,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("lab", nargs="?")
     s.set_defaults(func=cmd_shell)
 
+    s = sub.add_parser("selftest", help="check a running lab's paths with real traffic")
+    s.add_argument("lab", nargs="?")
+    s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.set_defaults(func=cmd_selftest)
+
     s = sub.add_parser("clean", help="remove everything netsim created (all labs, or one)")
     s.add_argument("lab", nargs="?")
     s.set_defaults(func=cmd_clean)
@@ -149,6 +154,24 @@ def cmd_shell(args) -> int:
     lab = labstate.resolve_lab(args.lab)
     LabShell(labstate.load_plan(lab)).cmdloop()
     return 0
+
+
+def cmd_selftest(args) -> int:
+    from dataclasses import asdict
+    from . import selftest
+    from .apply import labstate
+    from .report import as_json, table
+    _need_root()
+    lab = labstate.resolve_lab(args.lab)
+    checks = selftest.run(labstate.load_plan(lab))
+    failed = [c for c in checks if not c.ok]
+    if args.output == "json":
+        print(as_json([asdict(c) for c in checks]))
+    else:
+        print(table([[c.name, c.source, c.target, c.expect, c.got, "ok" if c.ok else "FAIL"] for c in checks],
+                    ["CHECK", "FROM", "TO", "EXPECT", "GOT", "RESULT"]))
+        print(f"\n{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
 
 
 def cmd_clean(args) -> int:

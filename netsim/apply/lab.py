@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import naming
 from ..errors import ApplyError, NetsimError
-from ..plan.state import LabPlan, Namespace
+from ..plan.state import ExternalPlan, LabPlan, Namespace
 from ..runtime.podcheck import answers
 from ..runtime.wait import wait_for
 from . import kernel, labstate, netns
@@ -40,6 +40,8 @@ def up(plan: LabPlan, source: str = "", timeout: float = 30.0) -> UpReport:
         build(plan)
         for node in plan.nodes:
             start_podserver(plan, node.name, st)
+        for ext in plan.externals:
+            start_external_server(ext, st)
         wait_pods(plan, timeout)
         st.status = "up"
         st.save()
@@ -97,6 +99,20 @@ def start_podserver(plan: LabPlan, node: str, st: LabState) -> Process:
     return start_agent(st, "podserver", plan.node(node).netns, node, args)
 
 
+def start_external_server(ext: ExternalPlan, st: LabState) -> Process:
+    """The built-in server on an external host (it serves in its own namespace)."""
+    d = st.dir
+    spec = d / f"extserver-{ext.name}.json"
+    labstate.write_json(spec, {"node": ext.name, "pods": [
+        {"name": ext.name, "namespace": "external", "netns": None,
+         "ports": [{"port": x.port, "protocol": x.protocol, "name": x.name} for x in ext.ports]}]})
+    ready = d / f"extserver-{ext.name}.ready"
+    ready.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "netsim.agents.podserver", "--spec", str(spec),
+            "--control", str(d / f"extserver-{ext.name}.sock"), "--ready-file", str(ready)]
+    return start_agent(st, "extserver", ext.netns, ext.name, args)
+
+
 def start_agent(st: LabState, role: str, ns: str, node: str, args: list[str]) -> Process:
     """Run ``args`` inside namespace ``ns`` as a detached process recorded in the lab state."""
     log = open(st.dir / "logs" / f"{role}-{node}.log", "ab")
@@ -115,9 +131,10 @@ def wait_pods(plan: LabPlan, timeout: float) -> None:
     """Wait for each pod server's ready file, then for every pod to answer from its node."""
     deadline = time.monotonic() + timeout
     d = labstate.lab_dir(plan.lab)
-    for node in plan.nodes:
-        wait_for(lambda: (d / f"podserver-{node.name}.ready").exists(),
-                 f"the pod server on {node.name} (log: {d / 'logs' / f'podserver-{node.name}.log'})",
+    servers = [("podserver", n.name) for n in plan.nodes] + [("extserver", e.name) for e in plan.externals]
+    for role, name in servers:
+        wait_for(lambda: (d / f"{role}-{name}.ready").exists(),
+                 f"the {role} on {name} (log: {d / 'logs' / f'{role}-{name}.log'})",
                  max(deadline - time.monotonic(), 0.1))
     netns_of = {n.name: n.netns for n in plan.nodes}
     for pod in plan.pods:

@@ -20,6 +20,9 @@ VXLAN_OVERHEAD = 50
 NODE_SYSCTLS = (("net.ipv4.ip_forward", "1"),
                 ("net.bridge.bridge-nf-call-iptables", "1"),
                 ("net.bridge.bridge-nf-call-ip6tables", "1"))
+# External hosts run the built-in server too, so "what source did the outside see?"
+# (masquerade) can be asked of them.
+EXTERNAL_PORTS = (PortPlan(8080, "TCP", "http"), PortPlan(8080, "UDP", "udp"))
 SWITCH_SYSCTLS = (("net.bridge.bridge-nf-call-iptables", "0"),
                   ("net.bridge.bridge-nf-call-ip6tables", "0"),
                   ("net.bridge.bridge-nf-call-arptables", "0"))
@@ -39,7 +42,7 @@ def plan_lab(topo: Topology, previous: LabPlan | None = None) -> LabPlan:
                  str(sub := node_subnet(c.pod_cidr, c.node_subnet_length, i)),
                  str(sub.network_address + 1), mtu, dict(n.labels))
         for i, (n, ip) in enumerate(zip(topo.nodes, node_ips)))
-    externals = tuple(ExternalPlan(e.name, naming.external_netns(lab, e.name), str(ip))
+    externals = tuple(ExternalPlan(e.name, naming.external_netns(lab, e.name), str(ip), EXTERNAL_PORTS)
                       for e, ip in zip(topo.externals, ext_ips))
 
     prev_pods = {p.key: p for p in previous.pods} if previous else {}

@@ -87,6 +87,7 @@ class ExternalPlan:
     name: str
     netns: str
     address: str
+    ports: tuple[PortPlan, ...] = ()   # the built-in server runs here too, for return checks
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class LabPlan:
             **{k: data[k] for k in ("lab", "pod_cidr", "service_cidr", "underlay_cidr", "overlay",
                                     "proxy_mode", "iptables_backend", "underlay_netns")},
             nodes=tuple(NodePlan(**n) for n in data["nodes"]),
-            externals=tuple(ExternalPlan(**e) for e in data["externals"]),
+            externals=tuple(ExternalPlan(**{**e, "ports": tuple(PortPlan(**x) for x in e["ports"])})
+                            for e in data["externals"]),
             pods=tuple(PodPlan(**{**p, "ports": tuple(PortPlan(**x) for x in p["ports"])}) for p in data["pods"]),
             namespaces=tuple(ns(d) for d in data["namespaces"]))
