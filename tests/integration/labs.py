@@ -1,0 +1,82 @@
+"""Helpers for kernel tests: run the real CLI, write throw-away topologies, snapshot the machine."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_APPS = REPO / "topologies" / "manifests" / "demo-apps.yaml"
+
+
+def netsim(*args: str, check: bool = True, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m netsim ARGS`` and return the completed process."""
+    done = subprocess.run([sys.executable, "-m", "netsim", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+    if check and done.returncode != 0:
+        raise AssertionError(f"netsim {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def demo_copy(tmp: Path, name: str) -> Path:
+    """The demo topology under another lab name (so a user's own demo is never touched)."""
+    text = (REPO / "topologies" / "demo.yaml").read_text()
+    text = text.replace("name: demo\n", f"name: {name}\n", 1).replace(
+        "manifests/demo-apps.yaml", str(DEMO_APPS))
+    path = tmp / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def scaled_topology(tmp: Path, name: str, replicas: int, nodes: int = 3) -> Path:
+    node_list = "\n".join(f"  - name: n{i + 1}" for i in range(nodes))
+    path = tmp / f"{name}.yaml"
+    path.write_text(f"""name: {name}
+nodes:
+{node_list}
+manifests:
+  - apiVersion: apps/v1
+    kind: Deployment
+    metadata: {{name: web}}
+    spec:
+      replicas: {replicas}
+      selector: {{matchLabels: {{app: web}}}}
+      template:
+        metadata: {{labels: {{app: web}}}}
+        spec:
+          containers:
+            - name: web
+              ports: [{{containerPort: 8080, name: http}}]
+""")
+    return path
+
+
+def lab_netns(lab: str) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir("/run/netns") if n.startswith(f"netsim.{lab}."))
+    except FileNotFoundError:
+        return []
+
+
+def machine_snapshot() -> dict:
+    """What a lab must never leave behind or touch: namespaces, root links and rules, agents."""
+    def out(cmd: list[str]) -> str:
+        return subprocess.run(cmd, capture_output=True, text=True).stdout
+    links = sorted(line.split(":")[1].strip().split("@")[0] for line in out(["ip", "-o", "link"]).splitlines())
+    agents = sorted(p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p))
+    rules = "\n".join(l for l in out(["iptables-nft-save"]).splitlines() if not l.startswith("#"))
+    return {"netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
+            "links": links, "agents": agents, "iptables": rules}
+
+
+def _is_agent(pid: str) -> bool:
+    try:
+        return b"netsim.agents" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def status(lab: str) -> dict:
+    return json.loads(netsim("status", lab, "-o", "json").stdout)
