@@ -22,6 +22,7 @@ class LabShell(cmd.Cmd):
     def __init__(self, plan: LabPlan):
         super().__init__()
         self.plan = plan
+        self.net = None
         self.prompt = f"netsim:{plan.lab}> "
         self.targets = {n.name: (n.netns, n.address) for n in plan.nodes}
         self.targets.update({e.name: (e.netns, e.address) for e in plan.externals})
@@ -62,12 +63,28 @@ class LabShell(cmd.Cmd):
                 out = subprocess.run(["ip", "-n", ns.name, "-br", "addr"], capture_output=True, text=True).stdout
                 print(f"{ns.owner} ({ns.role}):\n  " + out.strip().replace("\n", "\n  "))
 
+    def do_py(self, line: str) -> None:
+        "Evaluate Python with 'net' bound to the lab's Mininet hosts: py net['node-1'].cmd('ip route')"
+        from .runtime.mnhost import LabNet
+        if self.net is None:
+            self.net = LabNet(self.plan)
+        try:
+            result = eval(line, {"net": self.net, "plan": self.plan})
+            if result is not None:
+                print(result)
+        except Exception as exc:   # the user's expression: show the error, keep the shell
+            print(f"*** {type(exc).__name__}: {exc}")
+
     def do_exit(self, _: str) -> bool:
         "Leave the shell (the lab keeps running)."
         return True
 
     do_quit = do_exit
     do_EOF = do_exit
+
+    def postloop(self) -> None:
+        if self.net is not None:
+            self.net.stop()
 
     def emptyline(self) -> None:
         pass

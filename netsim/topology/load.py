@@ -35,6 +35,9 @@ def load(path: str | os.PathLike) -> Topology:
         text = path.read_text()
     except OSError as exc:
         raise TopologyError([Problem(str(path), f"cannot read topology file: {exc.strerror}")], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise TopologyError([Problem(str(path), f"cannot read topology file: not UTF-8 text ({exc.reason} at byte {exc.start})")],
+                            str(path)) from None
     return load_text(text, base_dir=path.parent, source=str(path))
 
 
@@ -85,14 +88,18 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
     d = Cluster()
     net = lambda key, default: (ck.network(raw[key], f"cluster.{key}") or default) if key in raw else default
     pod_cidr = net("podCIDR", d.pod_cidr)
+    if pod_cidr.prefixlen > 28:
+        ck.error("cluster.podCIDR", f"{pod_cidr} is too small for node subnets",
+                 "flannel needs room for at least 4 /30 node subnets: use a /28 or larger")
+        pod_cidr = d.pod_cidr
     length = d.node_subnet_length
+    if pod_cidr.prefixlen > 22:
+        length = min(pod_cidr.prefixlen + 2, 30)          # flannel's SubnetLen default rule
     if "nodeSubnetLength" in raw:
         lo = min(pod_cidr.prefixlen + 2, 30)
         got = ck.integer(raw["nodeSubnetLength"], "cluster.nodeSubnetLength", lo, 30,
                          f"flannel needs room for at least 4 node subnets in podCIDR {pod_cidr}")
         length = got if got is not None else length
-    elif pod_cidr.prefixlen > 22:
-        length = min(pod_cidr.prefixlen + 2, 30)          # flannel's SubnetLen default rule
     pool: list[IPv4Network] = []
     for i, item in enumerate(ck.sequence(raw.get("loadBalancerPool"), "cluster.loadBalancerPool")):
         if (n := ck.network(item, f"cluster.loadBalancerPool[{i}]")) is not None:
@@ -103,6 +110,10 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
     bridge = d.bridge
     if "bridge" in raw:
         bridge = ck.dns_label(raw["bridge"], "cluster.bridge", naming.IFNAMSIZ) or bridge
+        if bridge in (naming.UPLINK, "lo"):
+            ck.error("cluster.bridge", f"{bridge!r} is already an interface of every node",
+                     f"choose another name, such as {d.bridge}")
+            bridge = d.bridge
     return Cluster(
         pod_cidr=pod_cidr, service_cidr=net("serviceCIDR", d.service_cidr), node_subnet_length=length,
         underlay_cidr=net("underlayCIDR", d.underlay_cidr), underlay_mtu=mtu,
@@ -155,6 +166,9 @@ def _manifests(raw: Any, base: Path, ck: Checker) -> ManifestSet:
         except OSError as exc:
             ck.error(where, f"cannot read {item}: {exc.strerror}", f"paths are relative to {base}")
             continue
+        except UnicodeDecodeError as exc:
+            ck.error(where, f"cannot read {item}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+            continue
         except yaml.YAMLError as exc:
             p = _yaml_problem(str(path), exc)
             ck.error(f"{where} ({p.path})", p.message, p.hint)
@@ -179,12 +193,18 @@ def _cross_check(cluster: Cluster, nodes: list, externals: list, m: ManifestSet,
             if pool.overlaps(cidrs[key]):
                 ck.error(f"cluster.loadBalancerPool[{i}]", f"{pool} overlaps {key} {cidrs[key]}")
     # Duplicate machine names (nodes and externals share the underlay namespace).
-    for name, count in Counter(h.name for h in nodes + externals).items():
-        if count > 1:
-            ck.error("nodes" if any(n.name == name for n in nodes) else "externals",
-                     f"duplicate name {name!r}", "node and external names must be unique")
+    first_use: dict[str, str] = {}
+    for key, group in (("nodes", nodes), ("externals", externals)):
+        for i, h in enumerate(group):
+            if h.name.startswith("<"):            # no valid name: already reported
+                continue
+            if h.name in first_use:
+                ck.error(f"{key}[{i}].name", f"duplicate name {h.name!r}, already used by {first_use[h.name]}",
+                         "node and external names must be unique")
+            else:
+                first_use[h.name] = f"{key}[{i}]"
     # Underlay addresses: room, explicit ones inside and unique.
-    hosts = cluster.underlay_cidr.num_addresses - 3       # network, broadcast, reserved .1 gateway
+    hosts = max(cluster.underlay_cidr.num_addresses - 3, 0)  # network, broadcast, reserved .1 gateway
     if len(nodes) + len(externals) > hosts:
         ck.error("cluster.underlayCIDR", f"{cluster.underlay_cidr} has room for {hosts} machines, "
                  f"{len(nodes) + len(externals)} are declared", "use a larger underlay CIDR")
@@ -206,10 +226,15 @@ def _cross_check(cluster: Cluster, nodes: list, externals: list, m: ManifestSet,
     # Kubernetes object names.
     for kind, objs in (("Pod", pods), ("Deployment", m.deployments), ("Service", m.services),
                        ("EndpointSlice", m.slices)):
-        for (ns, name), count in Counter((o.namespace, o.name) for o in objs).items():
-            if count > 1:
-                src = next(o.source for o in objs if (o.namespace, o.name) == (ns, name))
-                ck.error(f"{src} {kind} {name}", f"duplicate {kind} {ns}/{name}", "names must be unique in a namespace")
+        first: dict[tuple[str, str], str] = {}
+        for o in objs:
+            owner = getattr(o, "owner", None)
+            where = f"{o.source} {owner.replace('/', ' ')}" if owner else f"{o.source} {kind} {o.name}"
+            if (o.namespace, o.name) in first:
+                ck.error(f"{where}: metadata.name", f"duplicate {kind} {o.namespace}/{o.name}",
+                         f"{first[o.namespace, o.name]} already defines it; names must be unique in a namespace")
+            else:
+                first[o.namespace, o.name] = where
     # Node ports are cluster-wide; ClusterIPs too.
     used_np: dict[tuple[int, str], str] = {}
     used_ip: dict[str, str] = {}
@@ -226,20 +251,31 @@ def _cross_check(cluster: Cluster, nodes: list, externals: list, m: ManifestSet,
         ip = svc.cluster_ip
         if ip and ip != "None":
             if IPv4Address(ip) not in cluster.service_cidr:
-                ck.error(f"{where}.clusterIP", f"{ip} is not inside serviceCIDR {cluster.service_cidr}")
+                ck.error(f"{where}.clusterIP", f"{ip} is not inside serviceCIDR {cluster.service_cidr}",
+                         "pick an address in serviceCIDR, or leave clusterIP unset to have one allocated")
             elif ip in used_ip:
-                ck.error(f"{where}.clusterIP", f"{ip} is already allocated to Service {used_ip[ip]}")
+                ck.error(f"{where}.clusterIP", f"{ip} is already allocated to Service {used_ip[ip]}",
+                         "leave clusterIP unset to have a free one allocated")
             used_ip[ip] = f"{svc.namespace}/{svc.name}"
     # Placement and per-node capacity (host-local: all hosts of the subnet but the gateway).
     known = {n.name for n in nodes}
+    reported: set[tuple[str, str]] = set()
+
+    def pod_error(pod, field: str, message: str, hint: str) -> None:
+        """Once per Pod, or once per Deployment for all its replicas."""
+        owner = pod.owner or f"Pod {pod.name}"
+        if (owner, field) in reported:
+            return
+        reported.add((owner, field))
+        spec = "spec.template.spec" if pod.owner else "spec"
+        ck.error(f"{pod.source} {owner.replace('/', ' ')}: {spec}.{field}", message, hint)
+
     for pod in pods:
         if pod.node_name is not None and pod.node_name not in known:
-            ck.error(f"{pod.source} {'Pod' if pod.owner is None else pod.owner} {pod.name if pod.owner is None else ''}".rstrip() + ": spec.nodeName",
-                     f"node {pod.node_name!r} does not exist", f"nodes are: {', '.join(sorted(known))}")
+            pod_error(pod, "nodeName", f"node {pod.node_name!r} does not exist", f"nodes are: {', '.join(sorted(known))}")
     placed, failed = schedule([p for p in pods if p.node_name is None or p.node_name in known], tuple(nodes))
     for f in failed:
-        ck.error(f"{f.pod.source} {f.pod.owner or 'Pod'}: spec.nodeSelector", f"pod {f.pod.name}: {f.reason}",
-                 "label a node to match, or change the selector")
+        pod_error(f.pod, "nodeSelector", f.reason, "label a node to match, or change the selector")
     capacity = 2 ** (32 - cluster.node_subnet_length) - 3
     for node, count in Counter(placed.values()).items():
         if count > capacity:

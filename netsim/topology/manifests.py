@@ -76,16 +76,17 @@ def read_object(obj: Any, where: str, ck: Checker, out: ManifestSet) -> None:
     kind = obj.get("kind")
     name = (obj.get("metadata") or {}).get("name") if isinstance(obj.get("metadata"), dict) else None
     prefix = f"{where} {kind or '<no kind>'} {name or '<no name>'}: "
-    if kind == "List" and isinstance(obj.get("items"), list):
-        for i, item in enumerate(obj["items"]):
+    if kind == "List":
+        for i, item in enumerate(ck.sequence(obj.get("items"), prefix + "items", required=True)):
             read_object(item, f"{where}.items[{i}]", ck, out)
         return
-    if kind not in SUPPORTED:
-        ck.error(prefix + "kind", f"kind {kind!r} is not supported",
+    if not isinstance(kind, str) or kind not in SUPPORTED:
+        ck.error(prefix + "kind", f"{kind!r} is not supported" if kind is not None else "is required",
                  f"netsim reads {', '.join(SUPPORTED)}")
         return
     if obj.get("apiVersion") != SUPPORTED[kind]:
-        ck.error(prefix + "apiVersion", f"expected {SUPPORTED[kind]!r} for {kind}, got {obj.get('apiVersion')!r}")
+        ck.error(prefix + "apiVersion", f"expected {SUPPORTED[kind]!r} for {kind}, got {obj.get('apiVersion')!r}",
+                 f"use apiVersion: {SUPPORTED[kind]}")
     known = OBJECT_FIELDS | ({"addressType", "endpoints", "ports"} if kind == "EndpointSlice" else set())
     if kind == "EndpointSlice":
         known.discard("spec")
@@ -124,9 +125,17 @@ def read_object(obj: Any, where: str, ck: Checker, out: ManifestSet) -> None:
 def expand_deployment(dep: Deployment) -> list[Pod]:
     """The replicas a Deployment asks for, with Kubernetes-shaped deterministic names."""
     labels = dict(dep.template_labels, **{"pod-template-hash": dep.template_hash})
-    return [Pod(f"{dep.name}-{dep.template_hash}-{_suffix(dep, i)}", dep.namespace, labels,
-                dep.ports, dep.node_name, dep.node_selector, f"Deployment/{dep.name}", dep.source)
-            for i in range(dep.replicas)]
+    names: list[str] = []
+    used: set[str] = set()
+    for i in range(dep.replicas):
+        suffix, retry = _suffix(dep, i), 0
+        while suffix in used:       # 27**5 suffixes: rare, but Kubernetes would retry too
+            retry += 1
+            suffix = _suffix(dep, f"{i}/{retry}")
+        used.add(suffix)
+        names.append(f"{dep.name}-{dep.template_hash}-{suffix}")
+    return [Pod(name, dep.namespace, labels, dep.ports, dep.node_name, dep.node_selector,
+                f"Deployment/{dep.name}", dep.source) for name in names]
 
 
 # -- helpers ------------------------------------------------------------------
@@ -230,19 +239,21 @@ def _service(spec: dict, path: str, ck: Checker) -> dict | None:
         if port.get("name") is not None:
             name = ck.port_name(port["name"], join(ppath, "name")) or ""
         elif len(raw_ports) > 1:
-            ck.error(join(ppath, "name"), "is required when a Service has several ports")
+            ck.error(join(ppath, "name"), "is required when a Service has several ports",
+                     "name every port, e.g. name: http")
         if name and name in names:
             ck.error(join(ppath, "name"), f"duplicate port name {name!r}")
         names.add(name)
         target = port.get("targetPort", number)
-        if isinstance(target, str) and not target.isdigit():
+        if isinstance(target, str) and not (target.isascii() and target.isdigit()):
             target = ck.port_name(target, join(ppath, "targetPort"))
         elif target is not None:
             target = ck.port(int(target) if isinstance(target, str) else target, join(ppath, "targetPort"))
         node_port = None
         if port.get("nodePort") is not None:
             if stype not in ("NodePort", "LoadBalancer"):
-                ck.error(join(ppath, "nodePort"), f"is only allowed for NodePort and LoadBalancer services, not {stype}")
+                ck.error(join(ppath, "nodePort"), f"is only allowed for NodePort and LoadBalancer services, not {stype}",
+                         "set type: NodePort, or remove nodePort")
             node_port = ck.integer(port["nodePort"], join(ppath, "nodePort"), *NODE_PORT_RANGE,
                                    hint="the default --service-node-port-range is 30000-32767")
         if number is not None and target is not None:
@@ -306,7 +317,8 @@ def _endpoint_slice(obj: dict, labels: dict, prefix: str, ck: Checker) -> dict |
         serving = ready if serving is None else serving
         terminating = bool(flags.get("terminating"))
         ref = ck.mapping(ep.get("targetRef"), join(epath, "targetRef"))
-        target = ref.get("name") if ref.get("kind", "Pod") == "Pod" else None
+        target = (ck.string(ref.get("name"), join(epath, "targetRef.name"))
+                  if ref.get("kind", "Pod") == "Pod" else None)
         node = ck.string(ep.get("nodeName"), join(epath, "nodeName")) if ep.get("nodeName") is not None else None
         endpoints.append(Endpoint(addrs, ready, serving, terminating, node, target))
     ports: list[SlicePort] = []
@@ -325,5 +337,5 @@ def _encode(digest: bytes, length: int) -> str:
     return "".join(_ALPHABET[b % len(_ALPHABET)] for b in digest[:length])
 
 
-def _suffix(dep: Deployment, index: int) -> str:
+def _suffix(dep: Deployment, index: int | str) -> str:
     return _encode(hashlib.sha256(f"{dep.namespace}/{dep.name}/{dep.template_hash}/{index}".encode()).digest(), 5)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,3 +173,23 @@ def test_clean_removes_every_lab(tmp_path):
     out = netsim("clean", lab).stdout
     assert lab in out
     assert machine_snapshot() == before
+
+
+def test_mininet_hosts_and_shell(demo_lab):
+    from netsim.runtime.mnhost import attach
+    net = attach(demo_lab)
+    try:
+        node = net["node-1"]
+        assert "10.244.1.1/24" in node.cmd("ip -4 -br addr show cni0")
+        web = next(p for p in net.plan.pods if p.node == "node-1" and p.name.startswith("web-"))
+        assert net["client"].cmd(f"curl -s --max-time 3 {net[web.name].IP()}:8080/hostname") == web.name
+    finally:
+        net.stop()
+    # The Mininet-style shell: names become IPs, 'py' reaches the Mininet hosts.
+    script = (f"client curl -s --max-time 3 {web.name}:8080/clientip\n"
+              "py net['node-1'].cmd('cat /proc/sys/net/bridge/bridge-nf-call-iptables')\nexit\n")
+    done = subprocess.run([sys.executable, "-m", "netsim", "shell", demo_lab], input=script,
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    client_ip = next(p.ip for p in net.plan.pods if p.name == "client")
+    assert f"{client_ip}:" in done.stdout
+    assert re.search(r"(^|> )1\s*$", done.stdout, re.M), done.stdout
