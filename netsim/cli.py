@@ -101,7 +101,8 @@ def cmd_up(args) -> int:
     topo = load(args.topology)
     _need_root()
     _interrupt_on_term()
-    report = applier.up(plan_lab(topo), os.path.abspath(args.topology), args.timeout)
+    report = applier.up(plan_lab(topo), os.path.abspath(args.topology), args.timeout,
+                        replan=lambda subnets: plan_lab(topo, subnets=subnets))
     st = LabState.load(topo.name)
     if args.output == "json":
         print(as_json(dict(status_dict(report.plan, st), upSeconds=round(report.seconds, 3))))

@@ -47,6 +47,21 @@ def run(plan: LabPlan) -> list[Check]:
                                         f"source {node.address} (node IP)"),
                                   lambda c=client, e=ext, want=node.address: _seen(
                                       http_get(c.netns, e.address, 8080, "/clientip"), want)))
+    # Across nodes (the overlay): one client per node to a server on each other node.
+    for node in plan.nodes:
+        clients = [p for p in plan.pods if p.node == node.name][:1]
+        for client in clients:
+            for other in plan.nodes:
+                if other is node:
+                    continue
+                there = [p for p in plan.pods if p.node == other.name]
+                for server in there[:1]:
+                    checks.append(_do(Check(f"cross-node pod→pod ICMP ({plan.overlay})", client.key, f"{server.ip} on {other.name}",
+                                            "echo reply"), lambda c=client, s=server: ("reply", ping(c.netns, s.ip))))
+                for server in [p for p in there if _port(p, "TCP")][:1]:
+                    checks.append(_clientip(f"cross-node pod→pod TCP, no NAT ({plan.overlay})", client, server, "TCP", client.ip))
+                for server in [p for p in there if _port(p, "UDP")][:1]:
+                    checks.append(_clientip(f"cross-node pod→pod UDP, no NAT ({plan.overlay})", client, server, "UDP", client.ip))
     for ext in plan.externals:
         for node in plan.nodes:
             checks.append(_do(Check("external→node IP", ext.name, f"{node.name} {node.address}", "echo reply"),

@@ -5,18 +5,23 @@ any failure (or Ctrl-C) tears the partial lab down again, so nothing is left hal
 """
 from __future__ import annotations
 
-import json
+import atexit
 import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Callable
 
 from .. import naming
 from ..errors import ApplyError, NetsimError
+from ..plan.overlay import parse_subnet_env
 from ..plan.state import ExternalPlan, LabPlan, Namespace
+from ..registry import open_registry
+from ..registry.flannel import CONFIG_KEY, NetworkConfig
 from ..runtime.podcheck import answers
 from ..runtime.wait import wait_for
 from . import kernel, labstate, netns
@@ -31,18 +36,37 @@ class UpReport:
     seconds: float
 
 
-def up(plan: LabPlan, source: str = "", timeout: float = 30.0) -> UpReport:
-    """Create the lab and return once every pod answers. On any failure, undo it all."""
+def up(plan: LabPlan, source: str = "", timeout: float = 30.0,
+       replan: Callable[[dict], LabPlan] | None = None) -> UpReport:
+    """Create the lab and return once every pod answers. On any failure, undo it all.
+
+    Order, as on a real cluster: machines and underlay; the registry and the network
+    config; a flannel agent per node, which leases the node's subnet and builds the
+    overlay; then the CNI part (cni0, pods) on the leased subnets; then the pods' servers.
+    ``replan(subnets)`` plans again if the registry leased other subnets than planned.
+    """
     t0 = time.monotonic()
-    st = labstate.begin(plan.lab, source, [ns.name for ns in plan.namespaces])
+    st = labstate.begin(plan.lab, source, unique_netns(plan))
     labstate.save_plan(plan)
     try:
-        build(plan)
+        for name in unique_netns(plan):
+            netns.create(name)
+        build(plan, ("underlay", "node", "external"))
+        url = start_registry(plan, st)
+        for node in plan.nodes:
+            start_flannel(plan, node.name, url, st)
+        leased = wait_leases(plan, timeout)
+        if any(leased[n.name] != n.subnet for n in plan.nodes):
+            if replan is None:
+                raise ApplyError("leasing subnets", f"the registry leased {leased}, not the planned subnets")
+            plan = replan({k: IPv4Network(v) for k, v in leased.items()})
+            labstate.save_plan(plan)
+        build(plan, ("node-cni", "pod"))
         for node in plan.nodes:
             start_podserver(plan, node.name, st)
         for ext in plan.externals:
             start_external_server(ext, st)
-        wait_pods(plan, timeout)
+        wait_pods(plan, max(timeout - (time.monotonic() - t0), 1.0))
         st.status = "up"
         st.save()
     except BaseException as exc:
@@ -55,16 +79,93 @@ def up(plan: LabPlan, source: str = "", timeout: float = 30.0) -> UpReport:
     return UpReport(plan, time.monotonic() - t0)
 
 
-def build(plan: LabPlan) -> None:
-    """Namespaces first, then each namespace's links, addresses, routes, sysctls and rules.
+def unique_netns(plan: LabPlan) -> list[str]:
+    return list(dict.fromkeys(ns.name for ns in plan.namespaces))
 
-    The order (underlay, nodes, externals, pods) means every interface a namespace
-    configures was already created by the namespace that owns its veth peer.
+
+def build(plan: LabPlan, roles: tuple[str, ...]) -> None:
+    """Program the namespaces of the given roles, in plan order.
+
+    The order (underlay, nodes, externals, node bridges, pods) means every interface a
+    namespace configures was already created by the namespace that owns its veth peer.
     """
     for ns in plan.namespaces:
-        netns.create(ns.name)
-    for ns in plan.namespaces:
-        build_namespace(ns, plan.iptables_backend)
+        if ns.role in roles:
+            build_namespace(ns, plan.iptables_backend)
+
+
+# -- registry and flannel ----------------------------------------------------------
+
+def start_registry(plan: LabPlan, st: LabState) -> str:
+    """Start the lab's registry (embedded file or a real etcd) and write the network config."""
+    if plan.registry == "etcd":
+        from ..registry.server import start_etcd
+        server = start_etcd(str(st.dir))
+        atexit.unregister(server.stop)            # it belongs to the lab, not to this command
+        st.processes.append(Process(server.pid, "etcd", "", labstate.start_time(server.pid)))
+        st.save()
+        url = server.url
+    else:
+        url = f"sqlite://{st.dir / 'registry.db'}"
+    write_json_text(st.dir / "registry.url", url)
+    reg = open_registry(url)
+    try:
+        current = reg.get(CONFIG_KEY)
+        if current is None:
+            reg.put(CONFIG_KEY, plan.network_config)
+        elif NetworkConfig.parse(current.value) != NetworkConfig.parse(plan.network_config):
+            raise ApplyError("registry", f"{CONFIG_KEY} already holds a different network config: {current.value}")
+    finally:
+        reg.close()
+    return url
+
+
+def registry_url(lab: str) -> str:
+    return (labstate.lab_dir(lab) / "registry.url").read_text().strip()
+
+
+def flannel_dir(lab: str, node: str) -> Path:
+    return labstate.lab_dir(lab) / "flannel" / node
+
+
+def start_flannel(plan: LabPlan, node: str, url: str, st: LabState) -> Process:
+    """Start the node's flannel agent. Its subnet.env starts out holding the planned subnet,
+    which flannel reads as the node's previous subnet and takes back if it is free."""
+    n = plan.node(node)
+    d = flannel_dir(plan.lab, node)
+    d.mkdir(parents=True, exist_ok=True)
+    overlay = next(o for o in plan.overlay_state if o.node == node)
+    if not (d / "subnet.env").exists():
+        write_json_text(d / "subnet.env", overlay.subnet_env)
+    (d / "ready").unlink(missing_ok=True)
+    args = [sys.executable, "-m", "netsim.agents.flannel", "--registry", url, "--node", node,
+            "--public-ip", n.address, "--iface", naming.UPLINK, "--underlay", plan.underlay_cidr,
+            "--subnet-file", str(d / "subnet.env"), "--status-file", str(d / "status.json"),
+            "--ready-file", str(d / "ready"), "--ip-masq", "--iptables-backend", plan.iptables_backend,
+            "--lease-ttl", str(plan.lease_ttl), "--renew-margin", str(plan.renew_margin)]
+    if n.vtep_mac:
+        args += ["--vtep-mac", n.vtep_mac]
+    return start_agent(st, "flannel", n.netns, node, args)
+
+
+def wait_leases(plan: LabPlan, timeout: float) -> dict[str, str]:
+    """Wait for every flannel agent to hold a lease; return node → leased subnet."""
+    leased = {}
+    deadline = time.monotonic() + timeout
+    for n in plan.nodes:
+        d = flannel_dir(plan.lab, n.name)
+        wait_for(lambda: (d / "ready").exists(),
+                 f"the flannel agent on {n.name} to lease a subnet (log: {labstate.lab_dir(plan.lab) / 'logs' / f'flannel-{n.name}.log'})",
+                 max(deadline - time.monotonic(), 0.1))
+        env = parse_subnet_env((d / "subnet.env").read_text())
+        leased[n.name] = str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))
+    return leased
+
+
+def write_json_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def build_namespace(ns: Namespace, iptables_backend: str) -> None:

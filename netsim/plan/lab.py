@@ -1,21 +1,28 @@
 """The planner: a validated ``Topology`` in, the lab's desired kernel state out. Pure, no root.
 
     underlay netns:  br-underlay ── <node>-eth0 ══ eth0 (node netns, underlay IP)
-    node netns:      cni0 (<subnet>.1) ── vethXXXXXXXX ══ eth0 (pod netns, <subnet>.N)
+    node netns:      flannel.1 (<subnet>.0/32, VNI 1, port 8472)
+                     cni0 (<subnet>.1) ── vethXXXXXXXX ══ eth0 (pod netns, <subnet>.N)
+
+Node subnets are what flannel leases. The planner expects node *i* to get the *i*-th
+subnet from SubnetMin (netsim hands that to each agent as its "previous" subnet, which
+flannel takes when it is free); if the registry gives a node another one, the applier
+plans again with the leased ``subnets``.
 """
 from __future__ import annotations
 
 from ipaddress import IPv4Address as _addr, IPv4Network as _net
 
 from .. import naming
+from ..registry.flannel import BackendConfig, NetworkConfig
 from ..topology.model import Topology
 from .ipam import HostLocal, node_subnet, underlay_addresses
 from .masq import flannel_rules
+from .overlay import on_link, peer_plan, pod_mtu, subnet_env, vtep_mac, vxlan_device
 from .scheduler import pod_key, schedule
-from .state import (Address, ExternalPlan, LabPlan, Link, Namespace, NodePlan, PodPlan,
-                    PortPlan, Route)
+from .state import (Address, ExternalPlan, LabPlan, Link, Namespace, NodeOverlay, NodePlan,
+                    PodPlan, PortPlan, Route)
 
-VXLAN_OVERHEAD = 50
 # What kubeadm asks of every node; the switch namespace must not filter bridged frames.
 NODE_SYSCTLS = (("net.ipv4.ip_forward", "1"),
                 ("net.bridge.bridge-nf-call-iptables", "1"),
@@ -28,38 +35,33 @@ SWITCH_SYSCTLS = (("net.bridge.bridge-nf-call-iptables", "0"),
                   ("net.bridge.bridge-nf-call-arptables", "0"))
 
 
-def plan_lab(topo: Topology, previous: LabPlan | None = None) -> LabPlan:
-    """Desired state for ``topo``. With ``previous``, placements and pod IPs already
-    handed out are kept (host-local never moves a running pod's address)."""
+def network_config(topo: Topology) -> NetworkConfig:
+    """flannel's network config for the cluster (the registry's ``/coreos.com/network/config``)."""
+    c = topo.cluster
+    return NetworkConfig.create(c.pod_cidr, c.node_subnet_length,
+                                backend=BackendConfig(type=c.overlay, direct_routing=c.direct_routing))
+
+
+def plan_lab(topo: Topology, previous: LabPlan | None = None,
+             subnets: dict[str, _net] | None = None) -> LabPlan:
+    """Desired state for ``topo``. ``previous`` keeps placements and pod IPs already handed
+    out (host-local never moves a running pod's address); ``subnets`` are leased subnets."""
     c = topo.cluster
     lab = topo.name
-    mtu = c.underlay_mtu - VXLAN_OVERHEAD if c.overlay == "vxlan" else c.underlay_mtu
+    mtu = pod_mtu(c.overlay, c.underlay_mtu)
     prefix = c.underlay_cidr.prefixlen
     node_ips, ext_ips = underlay_addresses(c.underlay_cidr, [n.address for n in topo.nodes],
                                            [e.address for e in topo.externals])
+    subnets = subnets or {}
     nodes = tuple(
         NodePlan(n.name, naming.node_netns(lab, n.name), str(ip),
-                 str(sub := node_subnet(c.pod_cidr, c.node_subnet_length, i)),
-                 str(sub.network_address + 1), mtu, dict(n.labels))
+                 str(sub := subnets.get(n.name) or node_subnet(c.pod_cidr, c.node_subnet_length, i)),
+                 str(sub.network_address + 1), mtu, dict(n.labels),
+                 vtep_mac(f"{lab}/{n.name}") if c.overlay == "vxlan" else "")
         for i, (n, ip) in enumerate(zip(topo.nodes, node_ips)))
     externals = tuple(ExternalPlan(e.name, naming.external_netns(lab, e.name), str(ip), EXTERNAL_PORTS)
                       for e, ip in zip(topo.externals, ext_ips))
-
-    prev_pods = {p.key: p for p in previous.pods} if previous else {}
-    placed, _ = schedule(topo.pods, topo.nodes, {k: p.node for k, p in prev_pods.items()})
-    ipam = {n.name: HostLocal(_net(n.subnet)) for n in nodes}
-    for key, pod in prev_pods.items():
-        if pod.node in ipam:
-            ipam[pod.node].in_use[key] = _addr(pod.ip)
-            ipam[pod.node].last = _addr(pod.ip)
-    pods = []
-    for pod in topo.pods:
-        key = pod_key(pod)
-        node = placed[key]
-        ip = ipam[node].allocate(key)
-        pods.append(PodPlan(pod.name, pod.namespace, node, naming.pod_netns(lab, pod.namespace, pod.name),
-                            str(ip), naming.pod_host_veth(lab, pod.namespace, pod.name), dict(pod.labels),
-                            tuple(PortPlan(p.port, p.protocol, p.name) for p in pod.ports), pod.owner))
+    pods = _plan_pods(topo, nodes, previous)
 
     underlay_ns = naming.underlay_netns(lab)
     spaces = [Namespace(
@@ -69,20 +71,19 @@ def plan_lab(topo: Topology, previous: LabPlan | None = None) -> LabPlan:
                  peer=naming.UPLINK, peer_netns=m.netns, peer_mtu=c.underlay_mtu)
             for m in nodes + externals),
         sysctls=SWITCH_SYSCTLS)]
+    spaces += [Namespace(n.netns, "node", n.name, addresses=(Address(naming.UPLINK, f"{n.address}/{prefix}"),),
+                         sysctls=NODE_SYSCTLS) for n in nodes]
+    spaces += [Namespace(e.netns, "external", e.name, addresses=(Address(naming.UPLINK, f"{e.address}/{prefix}"),))
+               for e in externals]
+    # The pod side of each node (CNI's part) comes once the node holds its lease.
     for n in nodes:
-        node_pods = [p for p in pods if p.node == n.name]
         spaces.append(Namespace(
-            n.netns, "node", n.name,
+            n.netns, "node-cni", n.name,
             links=(Link(c.bridge, "bridge", mtu),) + tuple(
                 Link(p.host_veth, "veth", mtu, master=c.bridge, hairpin=True,
-                     peer=naming.POD_IFACE, peer_netns=p.netns, peer_mtu=mtu) for p in node_pods),
-            addresses=(Address(naming.UPLINK, f"{n.address}/{prefix}"),
-                       Address(c.bridge, f"{n.gateway}/{c.node_subnet_length}")),
-            sysctls=NODE_SYSCTLS,
-            iptables=flannel_rules(c.pod_cidr, _net(n.subnet))))
-    for e in externals:
-        spaces.append(Namespace(e.netns, "external", e.name,
-                                addresses=(Address(naming.UPLINK, f"{e.address}/{prefix}"),)))
+                     peer=naming.POD_IFACE, peer_netns=p.netns, peer_mtu=mtu)
+                for p in pods if p.node == n.name),
+            addresses=(Address(c.bridge, f"{n.gateway}/{c.node_subnet_length}"),)))
     gateways = {n.name: n.gateway for n in nodes}
     for p in pods:
         gw = gateways[p.node]
@@ -92,5 +93,36 @@ def plan_lab(topo: Topology, previous: LabPlan | None = None) -> LabPlan:
                                 routes=(Route("default", naming.POD_IFACE, gw),
                                         Route(str(c.pod_cidr), naming.POD_IFACE, gw))))
     return LabPlan(lab, str(c.pod_cidr), str(c.service_cidr), str(c.underlay_cidr), c.overlay,
-                   c.proxy_mode, c.iptables_backend, underlay_ns, nodes, externals, tuple(pods),
-                   tuple(spaces))
+                   c.proxy_mode, c.iptables_backend, underlay_ns, nodes, externals, pods,
+                   tuple(spaces), c.registry, network_config(topo).to_json(), c.lease_ttl,
+                   c.renew_margin, tuple(_overlay(topo, n, nodes, mtu) for n in nodes))
+
+
+def _plan_pods(topo: Topology, nodes: tuple[NodePlan, ...], previous: LabPlan | None) -> tuple[PodPlan, ...]:
+    prev_pods = {p.key: p for p in previous.pods} if previous else {}
+    placed, _ = schedule(topo.pods, topo.nodes, {k: p.node for k, p in prev_pods.items()})
+    ipam = {n.name: HostLocal(_net(n.subnet)) for n in nodes}
+    for key, pod in prev_pods.items():
+        if pod.node in ipam and _addr(pod.ip) in ipam[pod.node].subnet:
+            ipam[pod.node].in_use[key] = _addr(pod.ip)
+            ipam[pod.node].last = _addr(pod.ip)
+    pods = []
+    for pod in topo.pods:
+        key = pod_key(pod)
+        node = placed[key]
+        ip = ipam[node].allocate(key)
+        pods.append(PodPlan(pod.name, pod.namespace, node, naming.pod_netns(topo.name, pod.namespace, pod.name),
+                            str(ip), naming.pod_host_veth(topo.name, pod.namespace, pod.name), dict(pod.labels),
+                            tuple(PortPlan(p.port, p.protocol, p.name) for p in pod.ports), pod.owner))
+    return tuple(pods)
+
+
+def _overlay(topo: Topology, node: NodePlan, nodes: tuple[NodePlan, ...], mtu: int) -> NodeOverlay:
+    c = topo.cluster
+    own = _net(node.subnet)
+    device = vxlan_device(own, node.address, c.underlay_mtu) if c.overlay == "vxlan" else None
+    peers = tuple(peer_plan(c.overlay, _net(p.subnet), p.address, p.vtep_mac or None,
+                            direct=c.direct_routing and on_link(p.address, c.underlay_cidr))
+                  for p in nodes if p is not node)
+    return NodeOverlay(node.name, subnet_env(c.pod_cidr, own, mtu), flannel_rules(c.pod_cidr, own),
+                       device, peers)

@@ -6,7 +6,11 @@ near end, with the namespace its peer end is moved into.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+
+from .overlay import PeerPlan, VxlanDevice
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class NodePlan:
     gateway: str                       # cni0 address (first IP of the subnet)
     mtu: int                           # pod and bridge MTU
     labels: dict[str, str] = field(default_factory=dict)
+    vtep_mac: str = ""                 # flannel.1's MAC (vxlan), published in the lease
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,17 @@ class ExternalPlan:
 
 
 @dataclass(frozen=True)
+class NodeOverlay:
+    """What the node's flannel agent will program, given the planned leases."""
+
+    node: str
+    subnet_env: str
+    iptables: str                      # FLANNEL-POSTRTG / FLANNEL-FWD (iptables-restore)
+    device: VxlanDevice | None
+    peers: tuple[PeerPlan, ...]
+
+
+@dataclass(frozen=True)
 class LabPlan:
     lab: str
     pod_cidr: str
@@ -103,7 +119,12 @@ class LabPlan:
     nodes: tuple[NodePlan, ...]
     externals: tuple[ExternalPlan, ...]
     pods: tuple[PodPlan, ...]
-    namespaces: tuple[Namespace, ...]  # creation order: underlay, nodes, externals, pods
+    namespaces: tuple[Namespace, ...]  # build order: underlay, nodes, externals, node bridges, pods
+    registry: str = "embedded"
+    network_config: str = ""           # flannel's /coreos.com/network/config JSON
+    lease_ttl: int = 86400
+    renew_margin: int = 3600
+    overlay_state: tuple[NodeOverlay, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,17 +145,30 @@ class LabPlan:
 
     @staticmethod
     def from_dict(data: dict) -> "LabPlan":
-        def ns(d: dict) -> Namespace:
-            return Namespace(d["name"], d["role"], d["owner"],
-                             tuple(Link(**x) for x in d["links"]),
-                             tuple(Address(**x) for x in d["addresses"]),
-                             tuple(Route(**x) for x in d["routes"]),
-                             tuple(tuple(x) for x in d["sysctls"]), d["iptables"])
-        return LabPlan(
-            **{k: data[k] for k in ("lab", "pod_cidr", "service_cidr", "underlay_cidr", "overlay",
-                                    "proxy_mode", "iptables_backend", "underlay_netns")},
-            nodes=tuple(NodePlan(**n) for n in data["nodes"]),
-            externals=tuple(ExternalPlan(**{**e, "ports": tuple(PortPlan(**x) for x in e["ports"])})
-                            for e in data["externals"]),
-            pods=tuple(PodPlan(**{**p, "ports": tuple(PortPlan(**x) for x in p["ports"])}) for p in data["pods"]),
-            namespaces=tuple(ns(d) for d in data["namespaces"]))
+        return from_data(LabPlan, data)
+
+
+def from_data(cls, data):
+    """Rebuild a (nested) frozen dataclass from ``asdict`` output, guided by its type hints."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _value(hints[f.name], data[f.name])
+    return cls(**kwargs)
+
+
+def _value(hint, value):
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _value(inner[0], value) if len(inner) == 1 else value
+    if origin is tuple:
+        item = args[0]
+        return tuple(_value(item, v) for v in value)
+    if is_dataclass(hint):
+        return from_data(hint, value)
+    return value

@@ -8,7 +8,8 @@ Keys and values are ``str`` here and UTF-8 on the wire or on disk.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -227,6 +228,7 @@ class Registry(abc.ABC):
     """An etcd-like key-value store: revisions, leases, transactions and watches."""
 
     url: str = ""
+    clock: Callable[[], float] = staticmethod(time.time)    # the wall clock leases run on
 
     @abc.abstractmethod
     def get(self, key: str) -> KV | None:

@@ -145,12 +145,12 @@ class SqliteRegistry(Registry):
         self.poll_interval = poll_interval
         self.busy_timeout = busy_timeout
         self.history = history
-        self._tempdir = _tempdir
         self._lock = threading.RLock()
         self._changed = threading.Condition()
         self._generation = 0                 # bumped on every local commit; wakes local watchers
         self._watchers: weakref.WeakSet = weakref.WeakSet()
         self._conn: sqlite3.Connection | None = None
+        self._cleanup = weakref.finalize(self, shutil.rmtree, _tempdir, True) if _tempdir else None
         with self._errors():
             self._conn = self._connect()
 
@@ -360,9 +360,8 @@ class SqliteRegistry(Registry):
                 self._conn.close()
                 self._conn = None
         self._notify()
-        if self._tempdir:
-            shutil.rmtree(self._tempdir, ignore_errors=True)
-            self._tempdir = None
+        if self._cleanup:
+            self._cleanup()                  # memory://: remove the temporary file
 
 
 class SqliteWatcher(Watcher):

@@ -12,7 +12,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 from typing import Any, Protocol
@@ -220,32 +220,21 @@ class NetworkConfig:
         net = None
         if "network" not in d:
             problems.append("Network is required (e.g. \"10.244.0.0/16\")")
+        elif not isinstance(d["network"], str):
+            problems.append(f"Network must be a string, got {json.dumps(d['network'])}")
         else:
             try:
-                net = IPv4Network(d["network"]) if isinstance(d["network"], str) else None
-                if net is None:
-                    problems.append(f"Network must be a string, got {json.dumps(d['network'])}")
+                net = IPv4Network(d["network"])
             except ValueError as err:
                 problems.append(f"Network {d['network']!r} is not an IPv4 CIDR ({err})")
-        if net is None:
-            raise InvalidConfig(problems)
 
         slen = d.get("subnetlen", 0)
         if not _is_int(slen):
             problems.append(f"SubnetLen must be an integer, got {json.dumps(slen)}")
-            raise InvalidConfig(problems)
-        plen = net.prefixlen
-        if slen > 0:
-            if slen > 30:
-                problems.append(f"SubnetLen must be at most 30, got {slen}")
-            elif slen < plen + 2:
-                problems.append(f"Network {net} must hold at least four subnets: "
-                                f"SubnetLen must be at least {plen + 2}, got {slen}")
-        elif plen > 28:
-            problems.append(f"Network {net} is too small: the smallest usable Network is a /28")
-        else:
-            slen = 24 if plen <= 22 else plen + 2
-        if problems:
+            slen = None
+        elif net is not None:
+            slen = _subnet_len(net, slen, problems)
+        if net is None or slen is None:
             raise InvalidConfig(problems)
 
         size = 1 << (32 - slen)
@@ -256,10 +245,7 @@ class NetworkConfig:
             if value in (None, "", "0.0.0.0"):
                 bounds[name] = default
                 continue
-            try:
-                addr = IPv4Address(value) if isinstance(value, str) else None
-            except ValueError:
-                addr = None
+            addr = _addr(value, 4)
             if addr is None:
                 problems.append(f"{name} must be an IPv4 address, got {json.dumps(value)}")
             elif addr not in net:
@@ -268,7 +254,7 @@ class NetworkConfig:
                 problems.append(f"{name} {addr} is not on a /{slen} (SubnetLen) boundary")
             else:
                 bounds[name] = addr
-        if not problems and bounds["SubnetMin"] > bounds["SubnetMax"]:
+        if len(bounds) == 2 and bounds["SubnetMin"] > bounds["SubnetMax"]:
             problems.append(f"SubnetMin {bounds['SubnetMin']} is above SubnetMax {bounds['SubnetMax']}")
         if problems:
             raise InvalidConfig(problems)
@@ -291,6 +277,27 @@ class NetworkConfig:
         """flannel's isSubnetConfigCompat: inside SubnetMin..SubnetMax with the right length."""
         return (subnet.prefixlen == self.subnet_len
                 and self.subnet_min <= subnet.network_address <= self.subnet_max)
+
+
+def _subnet_len(net: IPv4Network, slen: int, problems: list[str]) -> int | None:
+    """flannel's SubnetLen rules: explicit ≤ 30 and ≥ prefix + 2; default 24 or prefix + 2."""
+    plen = net.prefixlen
+    if slen < 0:
+        problems.append(f"SubnetLen must not be negative, got {slen}")
+        return None
+    if slen > 0:
+        if slen > 30:
+            problems.append(f"SubnetLen must be at most 30, got {slen}")
+            return None
+        if slen < plen + 2:
+            problems.append(f"Network {net} must hold at least four subnets: "
+                            f"SubnetLen must be at least {plen + 2}, got {slen}")
+            return None
+        return slen
+    if plen > 28:
+        problems.append(f"Network {net} is too small: the smallest usable Network is a /28")
+        return None
+    return 24 if plen <= 22 else plen + 2
 
 
 def read_config(registry: Registry) -> NetworkConfig:
@@ -452,7 +459,7 @@ def candidate_subnets(config: NetworkConfig, taken: Iterable[IPv4Network],
 def acquire_lease(registry: Registry, config: NetworkConfig, public_ip: str | IPv4Address,
                   attrs: LeaseAttrs, ttl: int = SUBNET_TTL, rng: _Picker | None = None,
                   retries: int = RACE_RETRIES, previous: IPv4Network | None = None,
-                  clock=time.time) -> SubnetLease:
+                  clock: Callable[[], float] | None = None) -> SubnetLease:
     """flannel's AcquireLease/tryAcquireLease.
 
     1. Reuse the lease whose PublicIP is ours if it fits the config (fresh lease + put; a
@@ -465,6 +472,7 @@ def acquire_lease(registry: Registry, config: NetworkConfig, public_ip: str | IP
     if attrs.public_ip != public_ip:
         raise ValueError(f"attrs.public_ip {attrs.public_ip} differs from public_ip {public_ip}")
     rng = rng or random
+    clock = clock or registry.clock
     value = attrs.to_json()
     for _ in range(retries):
         snapshot = registry.range(SUBNETS_PREFIX)
@@ -520,12 +528,13 @@ def renewal_delay(lease: SubnetLease, margin: float = RENEW_MARGIN, now: float |
 
 
 def renew_lease(registry: Registry, lease: SubnetLease, *, ttl: int = SUBNET_TTL,
-                margin: float = RENEW_MARGIN, clock=time.time, force: bool = False) -> SubnetLease:
+                margin: float = RENEW_MARGIN, clock: Callable[[], float] | None = None,
+                force: bool = False) -> SubnetLease:
     """Renew when less than ``margin`` remains (or ``force``): grant a new lease of ``ttl``
     and plain-put the same key with it. The old registry lease expires with no keys.
     Returns the lease unchanged when nothing was due (and always for reservations).
     """
-    now = clock()
+    now = (clock or registry.clock)()
     if lease.reservation or (not force and renewal_delay(lease, margin, now) > 0):
         return lease
     new_id = registry.lease_grant(ttl)

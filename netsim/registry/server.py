@@ -39,13 +39,15 @@ class EtcdServer:
     log_path: str
     started_in: float                         # seconds from exec to healthy
     _proc: subprocess.Popen = field(repr=False)
+    stop_timeout: float = 5.0                 # SIGTERM grace before SIGKILL
 
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """SIGTERM, SIGKILL after ``timeout``; then remove data dir, sockets and PID file."""
         atexit.unregister(self.stop)
+        timeout = self.stop_timeout if timeout is None else timeout
         if self._proc.poll() is None:
             os.kill(self.pid, signal.SIGTERM)
             try:
@@ -81,7 +83,7 @@ def _pid_alive(pid_file: str) -> int:
 
 
 def start_etcd(state_dir: str, *, unix_socket: bool = True, listen: str | None = None,
-               name: str = "netsim", timeout: float = 10.0,
+               name: str = "netsim", timeout: float = 10.0, stop_timeout: float = 5.0,
                binary: str = ETCD_BINARY) -> EtcdServer:
     """Start etcd with its files under ``state_dir``/etcd and wait until ``/health`` is true.
 
@@ -127,7 +129,8 @@ def start_etcd(state_dir: str, *, unix_socket: bool = True, listen: str | None =
                                 stdout=log, stderr=log, start_new_session=True)
     with open(pid_file, "w") as f:
         f.write(f"{proc.pid}\n")
-    server = EtcdServer(registry_urls[0], registry_urls, proc.pid, home, data_dir, log_path, 0.0, proc)
+    server = EtcdServer(registry_urls[0], registry_urls, proc.pid, home, data_dir, log_path, 0.0,
+                        proc, stop_timeout)
     atexit.register(server.stop)
     try:
         _wait_healthy(server, timeout)

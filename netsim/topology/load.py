@@ -16,7 +16,7 @@ import yaml
 from .. import naming
 from ..errors import Problem, TopologyError
 from ..plan.scheduler import pod_key, schedule
-from .check import Checker, join
+from .check import Checker, _kind, join
 from .manifests import ManifestSet, expand_deployment, read_object
 from .model import (IPTABLES_BACKENDS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluster, ExternalSpec,
                     NodeSpec, Topology)
@@ -24,7 +24,7 @@ from .model import (IPTABLES_BACKENDS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluste
 TOP_FIELDS = {"name", "cluster", "nodes", "externals", "manifests"}
 CLUSTER_FIELDS = {"podCIDR", "serviceCIDR", "nodeSubnetLength", "underlayCIDR", "underlayMTU",
                   "proxyMode", "overlay", "registry", "registryEndpoint", "loadBalancerPool",
-                  "bridge", "iptablesBackend"}
+                  "bridge", "iptablesBackend", "directRouting", "leaseTTL", "renewMargin"}
 LAB_NAME_MAX = 32
 
 
@@ -63,9 +63,13 @@ def _yaml_problem(source: str, exc: yaml.YAMLError) -> Problem:
 
 
 def _build(data: Any, base: Path, source: str, ck: Checker) -> Topology | None:
-    top = ck.mapping(data, "", required=True)
-    if not top and data is not None and not isinstance(data, dict):
+    if not isinstance(data, dict):
+        # An empty file, or a list/scalar at the top: say so instead of a path-less "is required".
+        got = "an empty document" if data is None else _kind(data)
+        ck.error(source, f"a topology must be a mapping, got {got}",
+                 "it needs at least name: and nodes:, see topologies/demo.yaml")
         return None
+    top = data
     ck.fields(top, "", TOP_FIELDS)
     name = ck.dns_label(top.get("name"), "name", LAB_NAME_MAX)
     cluster = _cluster(ck.mapping(top.get("cluster"), "cluster"), ck)
@@ -107,6 +111,16 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
     mtu = d.underlay_mtu
     if "underlayMTU" in raw:
         mtu = ck.integer(raw["underlayMTU"], "cluster.underlayMTU", 1280, 9000) or mtu
+    ttl = d.lease_ttl
+    if "leaseTTL" in raw:
+        ttl = ck.integer(raw["leaseTTL"], "cluster.leaseTTL", 2, 10 * 86400, "etcd grants at least ~2 s") or ttl
+    margin = min(d.renew_margin, ttl // 2)
+    if "renewMargin" in raw:
+        margin = ck.integer(raw["renewMargin"], "cluster.renewMargin", 1, max(ttl - 1, 1),
+                            "renewal must come before the lease expires") or margin
+    direct = d.direct_routing
+    if "directRouting" in raw:
+        direct = ck.boolean(raw["directRouting"], "cluster.directRouting") or False
     bridge = d.bridge
     if "bridge" in raw:
         bridge = ck.dns_label(raw["bridge"], "cluster.bridge", naming.IFNAMSIZ) or bridge
@@ -123,7 +137,8 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
         registry_endpoint=ck.string(raw.get("registryEndpoint"), "cluster.registryEndpoint"),
         load_balancer_pool=tuple(pool), bridge=bridge,
         iptables_backend=ck.choice(raw.get("iptablesBackend"), "cluster.iptablesBackend",
-                                   IPTABLES_BACKENDS, d.iptables_backend))
+                                   IPTABLES_BACKENDS, d.iptables_backend),
+        direct_routing=direct, lease_ttl=ttl, renew_margin=margin)
 
 
 def _hosts(raw: Any, key: str, ck: Checker, cls: type, required: bool = False) -> list:
@@ -226,15 +241,21 @@ def _cross_check(cluster: Cluster, nodes: list, externals: list, m: ManifestSet,
     # Kubernetes object names.
     for kind, objs in (("Pod", pods), ("Deployment", m.deployments), ("Service", m.services),
                        ("EndpointSlice", m.slices)):
-        first: dict[tuple[str, str], str] = {}
+        first: dict[tuple[str, str], tuple[str, str | None]] = {}
         for o in objs:
-            owner = getattr(o, "owner", None)
+            owner = getattr(o, "owner", None)      # replicas are listed after every Pod
             where = f"{o.source} {owner.replace('/', ' ')}" if owner else f"{o.source} {kind} {o.name}"
-            if (o.namespace, o.name) in first:
-                ck.error(f"{where}: metadata.name", f"duplicate {kind} {o.namespace}/{o.name}",
-                         f"{first[o.namespace, o.name]} already defines it; names must be unique in a namespace")
+            key = (o.namespace, o.name)
+            if key not in first:
+                first[key] = (where, owner)
+            elif owner and first[key][1]:
+                continue                            # replicas of a duplicate Deployment: reported above
+            elif owner:
+                ck.error(where, f"its replica Pod {o.namespace}/{o.name} has the same name as {first[key][0]}",
+                         "rename that Pod; replicas are named <deployment>-<template hash>-<suffix>")
             else:
-                first[o.namespace, o.name] = where
+                ck.error(f"{where}: metadata.name", f"duplicate {kind} {o.namespace}/{o.name}",
+                         f"{first[key][0]} already defines it; names must be unique in a namespace")
     # Node ports are cluster-wide; ClusterIPs too.
     used_np: dict[tuple[int, str], str] = {}
     used_ip: dict[str, str] = {}
@@ -258,15 +279,15 @@ def _cross_check(cluster: Cluster, nodes: list, externals: list, m: ManifestSet,
                          "leave clusterIP unset to have a free one allocated")
             used_ip[ip] = f"{svc.namespace}/{svc.name}"
     # Placement and per-node capacity (host-local: all hosts of the subnet but the gateway).
-    known = {n.name for n in nodes}
-    reported: set[tuple[str, str]] = set()
+    known = {n.name for n in nodes if not n.name.startswith("<")}   # "<nodes[i]>": invalid name, reported
+    reported: set[tuple[str, str, str]] = set()
 
     def pod_error(pod, field: str, message: str, hint: str) -> None:
         """Once per Pod, or once per Deployment for all its replicas."""
         owner = pod.owner or f"Pod {pod.name}"
-        if (owner, field) in reported:
+        if (pod.source, owner, field) in reported:
             return
-        reported.add((owner, field))
+        reported.add((pod.source, owner, field))
         spec = "spec.template.spec" if pod.owner else "spec"
         ck.error(f"{pod.source} {owner.replace('/', ' ')}: {spec}.{field}", message, hint)
 
@@ -281,4 +302,4 @@ def _cross_check(cluster: Cluster, nodes: list, externals: list, m: ManifestSet,
         if count > capacity:
             ck.error(f"nodes[{[n.name for n in nodes].index(node)}]",
                      f"{count} pods are scheduled on node {node}, but a /{cluster.node_subnet_length} subnet holds {capacity}",
-                     "add nodes, reduce replicas, or shorten nodeSubnetLength")
+                     "add nodes, reduce replicas, or lower nodeSubnetLength for bigger node subnets")

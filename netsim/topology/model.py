@@ -30,6 +30,9 @@ class Cluster:
     load_balancer_pool: tuple[IPv4Network, ...] = ()
     bridge: str = "cni0"
     iptables_backend: str = "nft"
+    direct_routing: bool = False          # vxlan: plain routes to peers on the same L2 segment
+    lease_ttl: int = 86400                # flannel subnet lease TTL (seconds)
+    renew_margin: int = 3600              # renew when less than this remains
 
 
 @dataclass(frozen=True)
