@@ -61,21 +61,26 @@ def lab_netns(lab: str) -> list[str]:
 
 
 def machine_snapshot() -> dict:
-    """What a lab must never leave behind or touch: namespaces, root links and rules, agents."""
+    """What a lab must never leave behind or touch: netsim's namespaces and processes, the
+    root namespace's links and rules. (Other tests' own namespaces are not counted, so
+    suites may run side by side.)"""
     def out(cmd: list[str]) -> str:
         return subprocess.run(cmd, capture_output=True, text=True).stdout
     links = sorted(line.split(":")[1].strip().split("@")[0] for line in out(["ip", "-o", "link"]).splitlines())
     agents = sorted(p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p))
     rules = "\n".join(l for l in out(["iptables-nft-save"]).splitlines() if not l.startswith("#"))
-    return {"netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
+    netns = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
+    return {"netns": [n for n in netns if n.startswith("netsim.")],
             "links": links, "agents": agents, "iptables": rules}
 
 
 def _is_agent(pid: str) -> bool:
     try:
-        return b"netsim.agents" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    # netsim's agents and etcd servers belong to a lab: their files live under /run/netsim.
+    return b"/run/netsim/" in cmdline
 
 
 def status(lab: str) -> dict:
