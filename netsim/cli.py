@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("netsim: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                 # output piped into head & co.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,6 +60,18 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shell", help="interactive shell, Mininet style ('<node> <cmd>')")
     s.add_argument("lab", nargs="?")
     s.set_defaults(func=cmd_shell)
+
+    s = sub.add_parser("node", help="add or remove a node on a running lab")
+    nsub = s.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+    a = nsub.add_parser("add", help="join a new node: it leases a subnet and every peer programs it")
+    a.add_argument("name")
+    a.add_argument("--lab", "-l")
+    a.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    a.set_defaults(func=cmd_node_add)
+    r = nsub.add_parser("remove", help="remove a node: its lease is deleted and peers unprogram it")
+    r.add_argument("name")
+    r.add_argument("--lab", "-l")
+    r.set_defaults(func=cmd_node_remove)
 
     s = sub.add_parser("selftest", help="check a running lab's paths with real traffic")
     s.add_argument("lab", nargs="?")
@@ -154,6 +169,28 @@ def cmd_shell(args) -> int:
     _need_root()
     lab = labstate.resolve_lab(args.lab)
     LabShell(labstate.load_plan(lab)).cmdloop()
+    return 0
+
+
+def cmd_node_add(args) -> int:
+    from .apply import labstate, nodes
+    _need_root()
+    lab = labstate.resolve_lab(args.lab)
+    labels = dict(kv.split("=", 1) for kv in args.label if "=" in kv)
+    change = nodes.add_node(lab, args.name, labels)
+    n = change.node
+    print(f"node {n.name} joined lab {lab}: {n.address}, subnet {n.subnet}; "
+          f"every peer programmed it {change.convergence_s * 1000:.0f} ms after its lease was written")
+    return 0
+
+
+def cmd_node_remove(args) -> int:
+    from .apply import labstate, nodes
+    _need_root()
+    lab = labstate.resolve_lab(args.lab)
+    change = nodes.remove_node(lab, args.name)
+    print(f"node {args.name} removed from lab {lab}; every peer unprogrammed {change.node.subnet} "
+          f"{change.convergence_s * 1000:.0f} ms after its lease was deleted")
     return 0
 
 

@@ -257,19 +257,24 @@ def teardown(st: LabState) -> None:
     st.status = "deleting"
     if st.dir.exists():
         st.save()
-    for proc in st.processes:
-        if labstate.start_time(proc.pid) == proc.start_time:
-            _signal(proc.pid, signal.SIGTERM)
-    _wait_gone([p.pid for p in st.processes if labstate.start_time(p.pid) == p.start_time])
-    # Anything else still running inside the lab (a user's exec, a stray agent).
-    inodes = {i for name in st.netns if (i := netns.inode(name)) is not None}
+    stop_processes(st.processes, st.netns)
+    for name in reversed(st.netns):
+        netns.remove(name)
+    labstate.remove_dir(st.lab)
+
+
+def stop_processes(procs: list[Process], netns_names: list[str] = ()) -> None:
+    """SIGTERM the recorded processes (still ours: same start time), then anything else
+    running inside ``netns_names`` (a user's exec, a stray agent); SIGKILL what lingers."""
+    ours = [p.pid for p in procs if labstate.start_time(p.pid) == p.start_time]
+    for pid in ours:
+        _signal(pid, signal.SIGTERM)
+    _wait_gone(ours)
+    inodes = {i for name in netns_names if (i := netns.inode(name)) is not None}
     strays = [pid for pid in netns.pids_inside(inodes) if pid != os.getpid()]
     for pid in strays:
         _signal(pid, signal.SIGTERM)
     _wait_gone(strays)
-    for name in reversed(st.netns):
-        netns.remove(name)
-    labstate.remove_dir(st.lab)
 
 
 def clean(lab: str | None = None) -> list[str]:

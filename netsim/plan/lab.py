@@ -11,6 +11,7 @@ plans again with the leased ``subnets``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address as _addr, IPv4Network as _net
 
 from .. import naming
@@ -71,19 +72,12 @@ def plan_lab(topo: Topology, previous: LabPlan | None = None,
                  peer=naming.UPLINK, peer_netns=m.netns, peer_mtu=c.underlay_mtu)
             for m in nodes + externals),
         sysctls=SWITCH_SYSCTLS)]
-    spaces += [Namespace(n.netns, "node", n.name, addresses=(Address(naming.UPLINK, f"{n.address}/{prefix}"),),
-                         sysctls=NODE_SYSCTLS) for n in nodes]
+    per_node = [node_namespaces(n, pods, prefix, c.bridge) for n in nodes]
+    spaces += [base for base, _ in per_node]
     spaces += [Namespace(e.netns, "external", e.name, addresses=(Address(naming.UPLINK, f"{e.address}/{prefix}"),))
                for e in externals]
     # The pod side of each node (CNI's part) comes once the node holds its lease.
-    for n in nodes:
-        spaces.append(Namespace(
-            n.netns, "node-cni", n.name,
-            links=(Link(c.bridge, "bridge", mtu),) + tuple(
-                Link(p.host_veth, "veth", mtu, master=c.bridge, hairpin=True,
-                     peer=naming.POD_IFACE, peer_netns=p.netns, peer_mtu=mtu)
-                for p in pods if p.node == n.name),
-            addresses=(Address(c.bridge, f"{n.gateway}/{c.node_subnet_length}"),)))
+    spaces += [cni for _, cni in per_node]
     gateways = {n.name: n.gateway for n in nodes}
     for p in pods:
         gw = gateways[p.node]
@@ -92,10 +86,11 @@ def plan_lab(topo: Topology, previous: LabPlan | None = None,
                                 addresses=(Address(naming.POD_IFACE, f"{p.ip}/{c.node_subnet_length}"),),
                                 routes=(Route("default", naming.POD_IFACE, gw),
                                         Route(str(c.pod_cidr), naming.POD_IFACE, gw))))
-    return LabPlan(lab, str(c.pod_cidr), str(c.service_cidr), str(c.underlay_cidr), c.overlay,
+    plan = LabPlan(lab, str(c.pod_cidr), str(c.service_cidr), str(c.underlay_cidr), c.overlay,
                    c.proxy_mode, c.iptables_backend, underlay_ns, nodes, externals, pods,
                    tuple(spaces), c.registry, network_config(topo).to_json(), c.lease_ttl,
-                   c.renew_margin, tuple(_overlay(topo, n, nodes, mtu) for n in nodes))
+                   c.renew_margin, c.underlay_mtu, c.direct_routing, c.bridge)
+    return replace(plan, overlay_state=plan_overlay(plan))
 
 
 def _plan_pods(topo: Topology, nodes: tuple[NodePlan, ...], previous: LabPlan | None) -> tuple[PodPlan, ...]:
@@ -117,12 +112,31 @@ def _plan_pods(topo: Topology, nodes: tuple[NodePlan, ...], previous: LabPlan | 
     return tuple(pods)
 
 
-def _overlay(topo: Topology, node: NodePlan, nodes: tuple[NodePlan, ...], mtu: int) -> NodeOverlay:
-    c = topo.cluster
-    own = _net(node.subnet)
-    device = vxlan_device(own, node.address, c.underlay_mtu) if c.overlay == "vxlan" else None
-    peers = tuple(peer_plan(c.overlay, _net(p.subnet), p.address, p.vtep_mac or None,
-                            direct=c.direct_routing and on_link(p.address, c.underlay_cidr))
-                  for p in nodes if p is not node)
-    return NodeOverlay(node.name, subnet_env(c.pod_cidr, own, mtu), flannel_rules(c.pod_cidr, own),
-                       device, peers)
+def plan_overlay(plan: LabPlan) -> tuple[NodeOverlay, ...]:
+    """What each node's flannel agent will program, given the nodes' (planned) leases."""
+    out = []
+    mtu = pod_mtu(plan.overlay, plan.underlay_mtu)
+    underlay, cluster = _net(plan.underlay_cidr), _net(plan.pod_cidr)
+    for node in plan.nodes:
+        own = _net(node.subnet)
+        device = vxlan_device(own, node.address, plan.underlay_mtu) if plan.overlay == "vxlan" else None
+        peers = tuple(peer_plan(plan.overlay, _net(p.subnet), p.address, p.vtep_mac or None,
+                                direct=plan.direct_routing and on_link(p.address, underlay))
+                      for p in plan.nodes if p is not node)
+        out.append(NodeOverlay(node.name, subnet_env(cluster, own, mtu), flannel_rules(cluster, own), device, peers))
+    return tuple(out)
+
+
+def node_namespaces(node: NodePlan, pods: tuple[PodPlan, ...], underlay_prefix: int,
+                    bridge: str) -> tuple[Namespace, Namespace]:
+    """A node's two namespace plans: the machine (uplink, sysctls) and its CNI part (cni0, pod ports)."""
+    sublen = _net(node.subnet).prefixlen
+    base = Namespace(node.netns, "node", node.name,
+                     addresses=(Address(naming.UPLINK, f"{node.address}/{underlay_prefix}"),), sysctls=NODE_SYSCTLS)
+    cni = Namespace(node.netns, "node-cni", node.name,
+                    links=(Link(bridge, "bridge", node.mtu),) + tuple(
+                        Link(p.host_veth, "veth", node.mtu, master=bridge, hairpin=True,
+                             peer=naming.POD_IFACE, peer_netns=p.netns, peer_mtu=node.mtu)
+                        for p in pods if p.node == node.name),
+                    addresses=(Address(bridge, f"{node.gateway}/{sublen}"),))
+    return base, cni

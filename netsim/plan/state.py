@@ -124,6 +124,9 @@ class LabPlan:
     network_config: str = ""           # flannel's /coreos.com/network/config JSON
     lease_ttl: int = 86400
     renew_margin: int = 3600
+    underlay_mtu: int = 1500
+    direct_routing: bool = False
+    bridge: str = "cni0"
     overlay_state: tuple[NodeOverlay, ...] = ()
 
     def to_dict(self) -> dict:

@@ -92,7 +92,8 @@ class _Write:
             self.c.execute("UPDATE meta SET v=? WHERE k='revision'", (self.rev,))
         return self.rev
 
-    def event(self, typ: str, kv: KV | tuple, prev) -> None:
+    def event(self, typ: str, kv: tuple, prev: tuple | None) -> None:
+        """Log an event: ``kv`` and ``prev`` are kv-table rows (prev None = no previous value)."""
         self.seq += 1
         p = prev if prev is not None else (None,) * 6
         self.c.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",

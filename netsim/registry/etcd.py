@@ -144,6 +144,9 @@ class EtcdRegistry(Registry):
                 self._drop()
                 raise Unavailable(self.endpoint, f"connection refused ({err.strerror or err})") from err
             except DROPPED as err:
+                # A stale keep-alive connection. The retry may repeat a request the server
+                # already applied: harmless for put/delete; a repeated create-if-absent reports
+                # a lost claim, and acquire_lease then finds the key as its own on the next pass.
                 self._drop()
                 if attempt == 2:
                     raise Unavailable(self.endpoint, f"connection dropped twice ({err!r})") from err

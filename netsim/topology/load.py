@@ -15,7 +15,7 @@ import yaml
 
 from .. import naming
 from ..errors import Problem, TopologyError
-from ..plan.scheduler import pod_key, schedule
+from ..plan import scheduler   # a module reference: plan.scheduler imports topology.model
 from .check import Checker, _kind, join
 from .manifests import ManifestSet, expand_deployment, read_object
 from .model import (IPTABLES_BACKENDS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluster, ExternalSpec,
@@ -294,7 +294,8 @@ def _cross_check(cluster: Cluster, nodes: list, externals: list, m: ManifestSet,
     for pod in pods:
         if pod.node_name is not None and pod.node_name not in known:
             pod_error(pod, "nodeName", f"node {pod.node_name!r} does not exist", f"nodes are: {', '.join(sorted(known))}")
-    placed, failed = schedule([p for p in pods if p.node_name is None or p.node_name in known], tuple(nodes))
+    placed, failed = scheduler.schedule([p for p in pods if p.node_name is None or p.node_name in known],
+                                        tuple(nodes))
     for f in failed:
         pod_error(f.pod, "nodeSelector", f.reason, "label a node to match, or change the selector")
     capacity = 2 ** (32 - cluster.node_subnet_length) - 3
