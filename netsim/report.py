@@ -18,11 +18,17 @@ def ports_text(ports) -> str:
     return ",".join(f"{p.port}/{p.protocol}" + (f"({p.name})" if p.name else "") for p in ports) or "-"
 
 
+def flannel_status(lab: str, node: str) -> dict:
+    try:
+        return json.loads((labstate.lab_dir(lab) / "flannel" / node / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def status_dict(plan: LabPlan, st: LabState | None) -> dict:
     procs = st.processes if st else []
-    agent = {p.netns: p for p in procs if p.role == "podserver"}
-    def alive(ns: str) -> bool:
-        rec = agent.get(ns)
+    def alive(ns: str, role: str = "podserver") -> bool:
+        rec = next((p for p in procs if p.netns == ns and p.role == role), None)
         return bool(rec and labstate.start_time(rec.pid) == rec.start_time)
     return {
         "lab": plan.lab, "status": st.status if st else "planned",
@@ -30,7 +36,11 @@ def status_dict(plan: LabPlan, st: LabState | None) -> dict:
         "underlayCIDR": plan.underlay_cidr, "overlay": plan.overlay, "proxyMode": plan.proxy_mode,
         "nodes": [{"name": n.name, "address": n.address, "podSubnet": n.subnet, "bridge": n.gateway,
                    "mtu": n.mtu, "netns": n.netns, "present": netns.exists(n.netns),
-                   "podServer": alive(n.netns), "labels": n.labels} for n in plan.nodes],
+                   "podServer": alive(n.netns), "labels": n.labels,
+                   "flannel": {"alive": alive(n.netns, "flannel"), "vtepMAC": n.vtep_mac,
+                               "lease": flannel_status(plan.lab, n.name).get("subnet"),
+                               "peers": sorted(flannel_status(plan.lab, n.name).get("peers", {}))}}
+                  for n in plan.nodes],
         "externals": [{"name": e.name, "address": e.address, "netns": e.netns,
                        "present": netns.exists(e.netns)} for e in plan.externals],
         "pods": [{"name": p.name, "namespace": p.namespace, "node": p.node, "ip": p.ip,
@@ -40,15 +50,22 @@ def status_dict(plan: LabPlan, st: LabState | None) -> dict:
     }
 
 
+def _state(n: dict) -> str:
+    if not n["present"]:
+        return "missing"
+    return "ok" if n["podServer"] else "no pod server"
+
+
 def status_text(plan: LabPlan, st: LabState | None) -> str:
     d = status_dict(plan, st)
     lines = [f"lab {plan.lab}: {d['status']} — {len(plan.nodes)} nodes, {len(plan.externals)} externals, "
              f"{len(plan.pods)} pods (podCIDR {plan.pod_cidr}, overlay {plan.overlay}, proxy {plan.proxy_mode})", ""]
     lines.append(table([[n["name"], n["address"], n["podSubnet"], f"cni0 {n['bridge']}", str(n["mtu"]),
                          str(sum(1 for p in plan.pods if p.node == n["name"])),
-                         "ok" if n["present"] and n["podServer"] else ("no pod server" if n["present"] else "missing")]
+                         f"{'up' if n['flannel']['alive'] else 'DOWN'}, {len(n['flannel']['peers'])} peers",
+                         _state(n)]
                         for n in d["nodes"]],
-                       ["NODE", "ADDRESS", "POD SUBNET", "BRIDGE", "MTU", "PODS", "STATE"]))
+                       ["NODE", "ADDRESS", "POD SUBNET", "BRIDGE", "MTU", "PODS", "FLANNEL", "STATE"]))
     if plan.externals:
         lines += ["", table([[e["name"], e["address"], "ok" if e["present"] else "missing"] for e in d["externals"]],
                             ["EXTERNAL", "ADDRESS", "STATE"])]

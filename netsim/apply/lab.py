@@ -53,9 +53,8 @@ def up(plan: LabPlan, source: str = "", timeout: float = 30.0,
             netns.create(name)
         build(plan, ("underlay", "node", "external"))
         url = start_registry(plan, st)
-        for node in plan.nodes:
-            start_flannel(plan, node.name, url, st)
-        leased = wait_leases(plan, timeout)
+        agents = {node.name: start_flannel(plan, node.name, url, st) for node in plan.nodes}
+        leased = wait_leases(plan, timeout, agents)
         if any(leased[n.name] != n.subnet for n in plan.nodes):
             if replan is None:
                 raise ApplyError("leasing subnets", f"the registry leased {leased}, not the planned subnets")
@@ -148,18 +147,39 @@ def start_flannel(plan: LabPlan, node: str, url: str, st: LabState) -> Process:
     return start_agent(st, "flannel", n.netns, node, args)
 
 
-def wait_leases(plan: LabPlan, timeout: float) -> dict[str, str]:
-    """Wait for every flannel agent to hold a lease; return node → leased subnet."""
+def wait_leases(plan: LabPlan, timeout: float, agents: dict[str, Process]) -> dict[str, str]:
+    """Wait for every flannel agent to hold a lease; return node → leased subnet.
+    An agent that exits instead (pool exhausted, bad config) fails the wait with its reason."""
     leased = {}
     deadline = time.monotonic() + timeout
     for n in plan.nodes:
         d = flannel_dir(plan.lab, n.name)
-        wait_for(lambda: (d / "ready").exists(),
-                 f"the flannel agent on {n.name} to lease a subnet (log: {labstate.lab_dir(plan.lab) / 'logs' / f'flannel-{n.name}.log'})",
+        log = labstate.lab_dir(plan.lab) / "logs" / f"flannel-{n.name}.log"
+        wait_for(lambda: ready_or_dead(d / "ready", agents[n.name], log, f"flannel agent on {n.name}"),
+                 f"the flannel agent on {n.name} to lease a subnet (log: {log})",
                  max(deadline - time.monotonic(), 0.1))
         env = parse_subnet_env((d / "subnet.env").read_text())
         leased[n.name] = str(IPv4Network(env["FLANNEL_SUBNET"], strict=False))
     return leased
+
+
+def ready_or_dead(ready: Path, proc: Process, log: Path, what: str) -> bool:
+    """True once ``ready`` exists; raises ApplyError with the log's last line if ``proc`` died."""
+    if ready.exists():
+        return True
+    if not process_running(proc):
+        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        raise ApplyError(what, lines[-1] if lines else "exited without a word")
+    return False
+
+
+def process_running(proc: Process) -> bool:
+    try:
+        if os.waitpid(proc.pid, os.WNOHANG)[0] == proc.pid:
+            return False                              # our child, and it has exited
+    except ChildProcessError:
+        pass
+    return labstate.start_time(proc.pid) == proc.start_time and not _zombie(proc.pid)
 
 
 def write_json_text(path: Path, text: str) -> None:

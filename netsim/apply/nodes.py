@@ -61,13 +61,22 @@ def add_node(lab: str, name: str, labels: dict[str, str] | None = None, timeout:
                 peer=naming.UPLINK, peer_netns=node.netns, peer_mtu=plan.underlay_mtu)
     st.netns.append(node.netns)                    # recorded before it exists
     st.save()
+    try:
+        return _join(lab, plan, st, node, underlay, timeout)
+    except BaseException:
+        _forget(lab, st, node)                     # leave the lab as it was
+        raise
+
+
+def _join(lab, plan, st, node: NodePlan, underlay: IPv4Network, timeout: float) -> NodeChange:
+    name = node.name
     netns.create(node.netns)
     build_namespace(Namespace(plan.underlay_netns, "underlay", "underlay", links=(port,)), plan.iptables_backend)
     build_namespace(base, plan.iptables_backend)
     grown = replace(plan, nodes=plan.nodes + (node,))
     grown = replace(grown, overlay_state=plan_overlay(grown))
-    start_flannel(grown, name, registry_url(lab), st)
-    leased = IPv4Network(wait_leases(replace(grown, nodes=(node,)), timeout)[name])
+    agent = start_flannel(grown, name, registry_url(lab), st)
+    leased = IPv4Network(wait_leases(replace(grown, nodes=(node,)), timeout, {name: agent})[name])
     node = replace(node, subnet=str(leased), gateway=str(leased.network_address + 1))
     base, cni = node_namespaces(node, (), underlay.prefixlen, plan.bridge)
     build_namespace(cni, plan.iptables_backend)
@@ -79,6 +88,21 @@ def add_node(lab: str, name: str, labels: dict[str, str] | None = None, timeout:
     wait_pods(replace(grown, pods=(), externals=(), nodes=(node,)), timeout)
     took = wait_converged(lab, grown, node, present=True, timeout=timeout)
     return NodeChange(node, took)
+
+
+def _forget(lab: str, st: LabState, node: NodePlan) -> None:
+    """Undo a half-joined node: its processes, its namespace (and so its underlay port)."""
+    mine = [p for p in st.processes if p.netns == node.netns]
+    stop_processes(mine, [node.netns])
+    netns.remove(node.netns)
+    st.processes = [p for p in st.processes if p not in mine]
+    st.netns = [n for n in st.netns if n != node.netns]
+    st.save()
+    d = flannel_dir(lab, node.name)
+    if d.exists():
+        for f in d.glob("*"):
+            f.unlink()
+        d.rmdir()
 
 
 def remove_node(lab: str, name: str, timeout: float = 30.0) -> NodeChange:
@@ -102,9 +126,9 @@ def remove_node(lab: str, name: str, timeout: float = 30.0) -> NodeChange:
     gone_pods = [p for p in plan.pods if p.node == name]
     names = [p.netns for p in gone_pods] + [node.netns]
     stop_processes([], netns_names=names)
-    for ns_name in names:
+    for ns_name in names[:-1]:
         netns.remove(ns_name)
-    st.netns = [n for n in st.netns if n not in names]
+    st.netns = [n for n in st.netns if n not in names[:-1]]
     st.save()
     rest = replace(rest, pods=tuple(p for p in plan.pods if p.node != name),
                    namespaces=tuple(ns for ns in plan.namespaces if ns.name not in names and not (
@@ -114,10 +138,7 @@ def remove_node(lab: str, name: str, timeout: float = 30.0) -> NodeChange:
     rest = replace(rest, namespaces=(underlay,) + rest.namespaces)
     rest = replace(rest, overlay_state=plan_overlay(rest))
     labstate.save_plan(rest)
-    flannel = flannel_dir(lab, name)
-    for f in flannel.glob("*"):
-        f.unlink()
-    flannel.rmdir()
+    _forget(lab, st, node)
     return NodeChange(node, took)
 
 

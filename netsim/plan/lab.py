@@ -94,7 +94,9 @@ def plan_lab(topo: Topology, previous: LabPlan | None = None,
 
 
 def _plan_pods(topo: Topology, nodes: tuple[NodePlan, ...], previous: LabPlan | None) -> tuple[PodPlan, ...]:
-    prev_pods = {p.key: p for p in previous.pods} if previous else {}
+    wanted = {pod_key(p) for p in topo.pods}
+    # Pods deleted since the previous plan give their node slot and address back.
+    prev_pods = {p.key: p for p in previous.pods if p.key in wanted} if previous else {}
     placed, _ = schedule(topo.pods, topo.nodes, {k: p.node for k, p in prev_pods.items()})
     ipam = {n.name: HostLocal(_net(n.subnet)) for n in nodes}
     for key, pod in prev_pods.items():
