@@ -73,6 +73,28 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--lab", "-l")
     r.set_defaults(func=cmd_node_remove)
 
+    s = sub.add_parser("registry", help="the lab's subnet registry: get/put/delete keys, stop/start its etcd")
+    rsub = s.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    g = rsub.add_parser("get", help="print keys and values, as etcdctl get does")
+    g.add_argument("key", nargs="?", default="/coreos.com/network/")
+    g.add_argument("--prefix", action="store_true")
+    g.add_argument("--lab", "-l")
+    g.set_defaults(func=cmd_registry)
+    g = rsub.add_parser("put", help="write a key (e.g. to see agents skip a corrupt lease)")
+    g.add_argument("key")
+    g.add_argument("value")
+    g.add_argument("--lab", "-l")
+    g.set_defaults(func=cmd_registry)
+    g = rsub.add_parser("delete", help="delete a key")
+    g.add_argument("key")
+    g.add_argument("--lab", "-l")
+    g.set_defaults(func=cmd_registry)
+    for action, text in (("stop", "stop the lab's etcd (its data is kept)"),
+                         ("start", "start the lab's etcd again on its data")):
+        g = rsub.add_parser(action, help=text)
+        g.add_argument("--lab", "-l")
+        g.set_defaults(func=cmd_registry)
+
     s = sub.add_parser("selftest", help="check a running lab's paths with real traffic")
     s.add_argument("lab", nargs="?")
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -191,6 +213,26 @@ def cmd_node_remove(args) -> int:
     change = nodes.remove_node(lab, args.name)
     print(f"node {args.name} removed from lab {lab}; every peer unprogrammed {change.node.subnet} "
           f"{change.convergence_s * 1000:.0f} ms after its lease was deleted")
+    return 0
+
+
+def cmd_registry(args) -> int:
+    from .apply import labstate, registryctl
+    lab = labstate.resolve_lab(args.lab)
+    action = args.registry_command
+    if action == "get":
+        for key, value in registryctl.get(lab, args.key, args.prefix):
+            print(key)
+            print(value)
+    elif action == "put":
+        registryctl.put(lab, args.key, args.value)
+        print("OK")
+    elif action == "delete":
+        print(registryctl.delete(lab, args.key))
+    elif action == "stop":
+        print(f"etcd of lab {lab} stopped (pid {registryctl.stop_etcd(lab)}); its data is kept")
+    else:
+        print(f"etcd of lab {lab} started again (pid {registryctl.start_etcd_again(lab)})")
     return 0
 
 

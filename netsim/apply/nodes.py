@@ -56,9 +56,6 @@ def add_node(lab: str, name: str, labels: dict[str, str] | None = None, timeout:
                     pod_mtu(plan.overlay, plan.underlay_mtu),
                     dict(labels or {}, **{"kubernetes.io/hostname": name}),
                     vtep_mac(f"{lab}/{name}") if plan.overlay == "vxlan" else "")
-    base, _ = node_namespaces(node, (), underlay.prefixlen, plan.bridge)
-    port = Link(naming.underlay_port(name), "veth", plan.underlay_mtu, master=naming.UNDERLAY_BRIDGE,
-                peer=naming.UPLINK, peer_netns=node.netns, peer_mtu=plan.underlay_mtu)
     st.netns.append(node.netns)                    # recorded before it exists
     st.save()
     try:
@@ -70,6 +67,9 @@ def add_node(lab: str, name: str, labels: dict[str, str] | None = None, timeout:
 
 def _join(lab, plan, st, node: NodePlan, underlay: IPv4Network, timeout: float) -> NodeChange:
     name = node.name
+    base, _ = node_namespaces(node, (), underlay.prefixlen, plan.bridge)
+    port = Link(naming.underlay_port(name), "veth", plan.underlay_mtu, master=naming.UNDERLAY_BRIDGE,
+                peer=naming.UPLINK, peer_netns=node.netns, peer_mtu=plan.underlay_mtu)
     netns.create(node.netns)
     build_namespace(Namespace(plan.underlay_netns, "underlay", "underlay", links=(port,)), plan.iptables_backend)
     build_namespace(base, plan.iptables_backend)

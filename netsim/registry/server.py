@@ -74,16 +74,21 @@ def _unlink(path: str) -> None:
 
 
 def _pid_alive(pid_file: str) -> int:
+    """The PID in ``pid_file`` if that process still runs (a zombie does not count)."""
     try:
         pid = int(open(pid_file).read().strip())
         os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return 0
         return pid
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return 0
 
 
 def start_etcd(state_dir: str, *, unix_socket: bool = True, listen: str | None = None,
                name: str = "netsim", timeout: float = 10.0, stop_timeout: float = 5.0,
+               keep_data: bool = False,
                binary: str = ETCD_BINARY) -> EtcdServer:
     """Start etcd with its files under ``state_dir``/etcd and wait until ``/health`` is true.
 
@@ -105,7 +110,9 @@ def start_etcd(state_dir: str, *, unix_socket: bool = True, listen: str | None =
         raise RegistryError(f"socket path {sock_path} is longer than {SUN_PATH_MAX} bytes; "
                             "use a shorter state dir")
     data_dir = os.path.join(home, "data")
-    shutil.rmtree(data_dir, ignore_errors=True)            # throw-away: always start fresh
+    restart = keep_data and os.path.isdir(data_dir)
+    if not restart:
+        shutil.rmtree(data_dir, ignore_errors=True)        # throw-away: start fresh
     for stale in (CLIENT_SOCKET, PEER_SOCKET):
         _unlink(os.path.join(home, stale))
 
