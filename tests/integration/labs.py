@@ -60,27 +60,30 @@ def lab_netns(lab: str) -> list[str]:
         return []
 
 
-def machine_snapshot() -> dict:
-    """What a lab must never leave behind or touch: netsim's namespaces and processes, the
-    root namespace's links and rules. (Other tests' own namespaces are not counted, so
-    suites may run side by side.)"""
+def machine_snapshot(lab: str | None = None) -> dict:
+    """What a lab must never leave behind or touch: its namespaces and processes (every
+    netsim lab's, when ``lab`` is None), the root namespace's links and rules. Other labs
+    and other tests' namespaces are not counted when ``lab`` is given, so suites may run
+    side by side."""
+    marker = f"netsim.{lab}." if lab else "netsim."
+    files = f"/run/netsim/{lab}/" if lab else "/run/netsim/"
     def out(cmd: list[str]) -> str:
         return subprocess.run(cmd, capture_output=True, text=True).stdout
     links = sorted(line.split(":")[1].strip().split("@")[0] for line in out(["ip", "-o", "link"]).splitlines())
-    agents = sorted(p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p))
+    agents = sorted(p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p, files))
     rules = "\n".join(l for l in out(["iptables-nft-save"]).splitlines() if not l.startswith("#"))
     netns = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
-    return {"netns": [n for n in netns if n.startswith("netsim.")],
+    return {"netns": [n for n in netns if n.startswith(marker)],
             "links": links, "agents": agents, "iptables": rules}
 
 
-def _is_agent(pid: str) -> bool:
+def _is_agent(pid: str, files: str) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
     # netsim's agents and etcd servers belong to a lab: their files live under /run/netsim.
-    return b"/run/netsim/" in cmdline
+    return files.encode() in cmdline
 
 
 def status(lab: str) -> dict:

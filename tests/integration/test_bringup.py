@@ -20,14 +20,14 @@ pytestmark = pytest.mark.root
 def demo_lab(tmp_path):
     """The demo topology up under a test-only name; torn down afterwards whatever happens."""
     lab = f"t{os.getpid() % 10000}demo"
-    before = machine_snapshot()
+    before = machine_snapshot(lab)
     topo = demo_copy(tmp_path, lab)
     netsim("up", str(topo), "--timeout", "60")
     try:
         yield lab
     finally:
         netsim("down", lab, check=False)
-    assert machine_snapshot() == before, "up + down must leave the machine as it was"
+    assert machine_snapshot(lab) == before, "up + down must leave the machine as it was"
 
 
 def test_demo_paths_with_real_traffic(demo_lab):
@@ -118,13 +118,13 @@ def test_bad_input_is_refused_and_creates_nothing(tmp_path, case):
     text, message = BAD_INPUTS[case]
     topo = tmp_path / "bad.yaml"
     topo.write_text(text.format(lab=lab))
-    before = machine_snapshot()
+    before = machine_snapshot(lab)
     done = netsim("up", str(topo), check=False)
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert "nothing was created" in done.stderr
-    assert machine_snapshot() == before
+    assert machine_snapshot(lab) == before
     assert not os.path.exists(f"/run/netsim/{lab}")
 
 
@@ -138,7 +138,7 @@ def _wait_for_some_netns(lab: str, proc: subprocess.Popen, count: int) -> None:
 
 def test_sigkill_of_controller_then_clean_leaves_nothing(tmp_path):
     lab = f"t{os.getpid() % 10000}kill"
-    before = machine_snapshot()
+    before = machine_snapshot(lab)
     topo = scaled_topology(tmp_path, lab, 150)
     proc = subprocess.Popen([sys.executable, "-m", "netsim", "up", str(topo)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -150,12 +150,12 @@ def test_sigkill_of_controller_then_clean_leaves_nothing(tmp_path):
     assert again.returncode == 1 and "netsim clean" in again.stderr
     netsim("clean", lab)
     assert not lab_netns(lab)
-    assert machine_snapshot() == before
+    assert machine_snapshot(lab) == before
 
 
 def test_sigterm_during_up_rolls_back(tmp_path):
     lab = f"t{os.getpid() % 10000}term"
-    before = machine_snapshot()
+    before = machine_snapshot(lab)
     topo = scaled_topology(tmp_path, lab, 150)
     proc = subprocess.Popen([sys.executable, "-m", "netsim", "up", str(topo)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -163,16 +163,16 @@ def test_sigterm_during_up_rolls_back(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
-    assert machine_snapshot() == before
+    assert machine_snapshot(lab) == before
 
 
 def test_clean_removes_every_lab(tmp_path):
     lab = f"t{os.getpid() % 10000}cln"
-    before = machine_snapshot()
+    before = machine_snapshot(lab)
     netsim("up", str(scaled_topology(tmp_path, lab, 3, nodes=1)))
     out = netsim("clean", lab).stdout
     assert lab in out
-    assert machine_snapshot() == before
+    assert machine_snapshot(lab) == before
 
 
 def test_mininet_hosts_and_shell(demo_lab):
