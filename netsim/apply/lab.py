@@ -97,7 +97,9 @@ def build(plan: LabPlan, roles: tuple[str, ...]) -> None:
 
 def start_registry(plan: LabPlan, st: LabState) -> str:
     """Start the lab's registry (embedded file or a real etcd) and write the network config."""
-    if plan.registry == "etcd":
+    if plan.registry_endpoint:
+        url = plan.registry_endpoint               # the user's own etcd: netsim only uses it
+    elif plan.registry == "etcd":
         from ..registry.server import start_etcd
         server = start_etcd(str(st.dir))
         atexit.unregister(server.stop)            # it belongs to the lab, not to this command

@@ -128,6 +128,7 @@ class LabPlan:
     direct_routing: bool = False
     bridge: str = "cni0"
     overlay_state: tuple[NodeOverlay, ...] = ()
+    registry_endpoint: str = ""        # a user's etcd, used instead of starting one
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -134,11 +134,21 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
         proxy_mode=ck.choice(raw.get("proxyMode"), "cluster.proxyMode", PROXY_MODES, d.proxy_mode),
         overlay=ck.choice(raw.get("overlay"), "cluster.overlay", OVERLAYS, d.overlay),
         registry=ck.choice(raw.get("registry"), "cluster.registry", REGISTRIES, d.registry),
-        registry_endpoint=ck.string(raw.get("registryEndpoint"), "cluster.registryEndpoint"),
+        registry_endpoint=_endpoint(raw.get("registryEndpoint"), ck),
         load_balancer_pool=tuple(pool), bridge=bridge,
         iptables_backend=ck.choice(raw.get("iptablesBackend"), "cluster.iptablesBackend",
                                    IPTABLES_BACKENDS, d.iptables_backend),
         direct_routing=direct, lease_ttl=ttl, renew_margin=margin)
+
+
+def _endpoint(value: Any, ck: Checker) -> str | None:
+    """A registry the user runs: an etcd URL netsim's client speaks."""
+    url = ck.string(value, "cluster.registryEndpoint")
+    if url is not None and not url.startswith(("etcd+http://", "etcd+unix://")):
+        ck.error("cluster.registryEndpoint", f"{url!r} is not an etcd endpoint",
+                 "write etcd+http://HOST:PORT or etcd+unix:///PATH/etcd.sock:0")
+        return None
+    return url
 
 
 def _hosts(raw: Any, key: str, ck: Checker, cls: type, required: bool = False) -> list:
