@@ -61,6 +61,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("lab", nargs="?")
     s.set_defaults(func=cmd_shell)
 
+    s = sub.add_parser("apply", help="create or update Kubernetes objects on a running lab")
+    s.add_argument("-f", "--filename", required=True)
+    s.add_argument("--lab", "-l")
+    s.set_defaults(func=cmd_apply)
+    s = sub.add_parser("delete", help="delete the Kubernetes objects named in a file")
+    s.add_argument("-f", "--filename", required=True)
+    s.add_argument("--lab", "-l")
+    s.set_defaults(func=cmd_apply)
+    s = sub.add_parser("scale", help="set a Deployment's replicas: scale deployment/NAME --replicas N")
+    s.add_argument("target")
+    s.add_argument("--replicas", type=int, required=True)
+    s.add_argument("--lab", "-l")
+    s.set_defaults(func=cmd_apply)
+
     s = sub.add_parser("node", help="add or remove a node on a running lab")
     nsub = s.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     a = nsub.add_parser("add", help="join a new node: it leases a subnet and every peer programs it")
@@ -133,13 +147,14 @@ def cmd_up(args) -> int:
     from .plan.lab import plan_lab
     from .report import as_json, status_dict, status_text
     from .apply.labstate import LabState
-    from .topology import load
+    from .topology import expand, load
 
     topo = load(args.topology)
     _need_root()
     _interrupt_on_term()
     report = applier.up(plan_lab(topo), os.path.abspath(args.topology), args.timeout,
-                        replan=lambda subnets: plan_lab(topo, subnets=subnets))
+                        replan=lambda subnets: plan_lab(topo, subnets=subnets),
+                        objects=expand(args.topology))
     st = LabState.load(topo.name)
     if args.output == "json":
         print(as_json(dict(status_dict(report.plan, st), upSeconds=round(report.seconds, 3))))
@@ -191,6 +206,25 @@ def cmd_shell(args) -> int:
     _need_root()
     lab = labstate.resolve_lab(args.lab)
     LabShell(labstate.load_plan(lab)).cmdloop()
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from .apply import changes, labstate
+    _need_root()
+    lab = labstate.resolve_lab(args.lab)
+    doc = changes.load_objects(lab)
+    if args.command == "scale":
+        doc, touched = changes.scale(doc, args.target, args.replicas)
+    else:
+        doc, touched = changes.merge(doc, changes.read_file(args.filename), delete=args.command == "delete")
+    result = changes.change(lab, doc, touched)
+    verb = {"apply": "applied", "delete": "deleted", "scale": "scaled"}[args.command]
+    print(f"{verb}: {', '.join(touched)}; pods +{len(result.added)} -{len(result.removed)}")
+    for pod in result.added:
+        print(f"  + {pod.key} on {pod.node} {pod.ip}")
+    for pod in result.removed:
+        print(f"  - {pod.key}")
     return 0
 
 

@@ -24,12 +24,12 @@ class Problem:
 class TopologyError(NetsimError):
     """The topology or its manifests are invalid; carries every problem found."""
 
-    def __init__(self, problems: list[Problem], source: str = ""):
+    def __init__(self, problems: list[Problem], source: str = "", consequence: str = "nothing was created"):
         self.problems = list(problems)
         self.source = source
         where = f" in {source}" if source else ""
         n = len(self.problems)
-        super().__init__(f"{n} problem{'s' if n != 1 else ''}{where}; nothing was created")
+        super().__init__(f"{n} problem{'s' if n != 1 else ''}{where}; {consequence}")
 
     def lines(self) -> list[str]:
         return [str(p) for p in self.problems]

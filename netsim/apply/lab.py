@@ -37,7 +37,7 @@ class UpReport:
 
 
 def up(plan: LabPlan, source: str = "", timeout: float = 30.0,
-       replan: Callable[[dict], LabPlan] | None = None) -> UpReport:
+       replan: Callable[[dict], LabPlan] | None = None, objects: dict | None = None) -> UpReport:
     """Create the lab and return once every pod answers. On any failure, undo it all.
 
     Order, as on a real cluster: machines and underlay; the registry and the network
@@ -66,6 +66,9 @@ def up(plan: LabPlan, source: str = "", timeout: float = 30.0,
         for ext in plan.externals:
             start_external_server(ext, st)
         wait_pods(plan, max(timeout - (time.monotonic() - t0), 1.0))
+        if objects is not None:
+            from .changes import pin_addresses, save_objects
+            save_objects(plan.lab, pin_addresses(objects, plan))
         st.status = "up"
         st.save()
     except BaseException as exc:
@@ -259,8 +262,14 @@ def wait_pods(plan: LabPlan, timeout: float) -> None:
         wait_for(lambda: (d / f"{role}-{name}.ready").exists(),
                  f"the {role} on {name} (log: {d / 'logs' / f'{role}-{name}.log'})",
                  max(deadline - time.monotonic(), 0.1))
+    wait_answers(plan, plan.pods, max(deadline - time.monotonic(), 0.1))
+
+
+def wait_answers(plan: LabPlan, pods, timeout: float) -> None:
+    """Wait until each of ``pods`` answers from inside its node."""
+    deadline = time.monotonic() + timeout
     netns_of = {n.name: n.netns for n in plan.nodes}
-    for pod in plan.pods:
+    for pod in pods:
         wait_for(lambda: answers(pod, netns_of[pod.node]),
                  f"pod {pod.key} ({pod.ip} on {pod.node}) to answer",
                  max(deadline - time.monotonic(), 0.1))

@@ -41,6 +41,32 @@ def load(path: str | os.PathLike) -> Topology:
     return load_text(text, base_dir=path.parent, source=str(path))
 
 
+def load_data(data: Any, base_dir: str | os.PathLike = ".", source: str = "<topology>") -> Topology:
+    """Validate an already parsed topology document (as ``load_text`` does for text)."""
+    ck = Checker()
+    topo = _build(data, Path(base_dir), source, ck)
+    if ck.problems:
+        raise TopologyError(ck.problems, source)
+    assert topo is not None
+    return topo
+
+
+def expand(path: str | os.PathLike) -> dict:
+    """The topology document with every manifest file read in, as inline objects: what a
+    running lab keeps so that ``netsim apply`` can change it without the original files."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        return data
+    objects = []
+    for item in data.get("manifests") or []:
+        if isinstance(item, str):
+            objects.extend(d for d in yaml.safe_load_all((path.parent / item).read_text()) if d is not None)
+        else:
+            objects.append(item)
+    return dict(data, manifests=objects)
+
+
 def load_text(text: str, base_dir: str | os.PathLike = ".", source: str = "<topology>") -> Topology:
     """Validate topology YAML given as text; manifest paths are relative to ``base_dir``."""
     ck = Checker()

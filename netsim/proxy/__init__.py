@@ -1,0 +1,1 @@
+"""The kube-proxy clone: cluster state → per-node rules (iptables, IPVS, nftables)."""
