@@ -50,8 +50,10 @@ def add_node(lab: str, name: str, labels: dict[str, str] | None = None, timeout:
     taken = {IPv4Network(n.subnet) for n in plan.nodes}
     pod_cidr = IPv4Network(plan.pod_cidr)
     length = IPv4Network(plan.nodes[0].subnet).prefixlen
-    hint = next(s for i in range(2 ** (length - pod_cidr.prefixlen) - 1)
-                if (s := node_subnet(pod_cidr, length, i)) not in taken)
+    # Only a hint (the agent's "previous" subnet): the registry decides. With every subnet
+    # planned, the agent still asks, and reports SubnetsExhausted if none is free.
+    hint = next((s for i in range(2 ** (length - pod_cidr.prefixlen) - 1)
+                 if (s := node_subnet(pod_cidr, length, i)) not in taken), node_subnet(pod_cidr, length, 0))
     node = NodePlan(name, naming.node_netns(lab, name), str(address), str(hint), str(hint.network_address + 1),
                     pod_mtu(plan.overlay, plan.underlay_mtu),
                     dict(labels or {}, **{"kubernetes.io/hostname": name}),
@@ -87,6 +89,12 @@ def _join(lab, plan, st, node: NodePlan, underlay: IPv4Network, timeout: float) 
     start_podserver(grown, name, st)
     wait_pods(replace(grown, pods=(), externals=(), nodes=(node,)), timeout)
     took = wait_converged(lab, grown, node, present=True, timeout=timeout)
+    from .changes import load_objects, save_objects
+    doc = load_objects(lab)
+    labels = {k: v for k, v in node.labels.items() if k != "kubernetes.io/hostname"}
+    doc["nodes"] = list(doc.get("nodes") or []) + [dict({"name": name, "address": node.address},
+                                                        **({"labels": labels} if labels else {}))]
+    save_objects(lab, doc)
     return NodeChange(node, took)
 
 
@@ -139,6 +147,14 @@ def remove_node(lab: str, name: str, timeout: float = 30.0) -> NodeChange:
     rest = replace(rest, overlay_state=plan_overlay(rest))
     labstate.save_plan(rest)
     _forget(lab, st, node)
+    # As the pod garbage collector would: pods bound to the node go; Deployments reschedule.
+    from .changes import change, identity, load_objects
+    doc = load_objects(lab)
+    doc["nodes"] = [n for n in doc.get("nodes") or [] if (n.get("name") if isinstance(n, dict) else n) != name]
+    doc["manifests"] = [o for o in doc.get("manifests") or []
+                        if not (identity(o) and identity(o)[0] == "Pod"
+                                and (o.get("spec") or {}).get("nodeName") == name)]
+    change(lab, doc, [f"Node {name}"], timeout)
     return NodeChange(node, took)
 
 
