@@ -90,7 +90,8 @@ def plan_lab(topo: Topology, previous: LabPlan | None = None,
                    c.proxy_mode, c.iptables_backend, underlay_ns, nodes, externals, pods,
                    tuple(spaces), c.registry, network_config(topo).to_json(), c.lease_ttl,
                    c.renew_margin, c.underlay_mtu, c.direct_routing, c.bridge)
-    return replace(plan, overlay_state=plan_overlay(plan), registry_endpoint=c.registry_endpoint or "")
+    return replace(plan, overlay_state=plan_overlay(plan), registry_endpoint=c.registry_endpoint or "",
+                   min_sync_period=c.min_sync_period)
 
 
 def _plan_pods(topo: Topology, nodes: tuple[NodePlan, ...], previous: LabPlan | None) -> tuple[PodPlan, ...]:

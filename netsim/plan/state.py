@@ -129,6 +129,7 @@ class LabPlan:
     bridge: str = "cni0"
     overlay_state: tuple[NodeOverlay, ...] = ()
     registry_endpoint: str = ""        # a user's etcd, used instead of starting one
+    min_sync_period: float = 1.0       # kube-proxy agents' --min-sync-period
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,7 +24,7 @@ from .model import (IPTABLES_BACKENDS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluste
 TOP_FIELDS = {"name", "cluster", "nodes", "externals", "manifests"}
 CLUSTER_FIELDS = {"podCIDR", "serviceCIDR", "nodeSubnetLength", "underlayCIDR", "underlayMTU",
                   "proxyMode", "overlay", "registry", "registryEndpoint", "loadBalancerPool",
-                  "bridge", "iptablesBackend", "directRouting", "leaseTTL", "renewMargin"}
+                  "bridge", "iptablesBackend", "directRouting", "leaseTTL", "renewMargin", "minSyncPeriod"}
 LAB_NAME_MAX = 32
 
 
@@ -144,6 +144,14 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
     if "renewMargin" in raw:
         margin = ck.integer(raw["renewMargin"], "cluster.renewMargin", 1, max(ttl - 1, 1),
                             "renewal must come before the lease expires") or margin
+    sync = d.min_sync_period
+    if "minSyncPeriod" in raw:
+        value = raw["minSyncPeriod"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 60:
+            ck.error("cluster.minSyncPeriod", f"must be a number of seconds from 0 to 60, got {value!r}",
+                     "kube-proxy's default is 1")
+        else:
+            sync = float(value)
     direct = d.direct_routing
     if "directRouting" in raw:
         direct = ck.boolean(raw["directRouting"], "cluster.directRouting") or False
@@ -164,7 +172,7 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
         load_balancer_pool=tuple(pool), bridge=bridge,
         iptables_backend=ck.choice(raw.get("iptablesBackend"), "cluster.iptablesBackend",
                                    IPTABLES_BACKENDS, d.iptables_backend),
-        direct_routing=direct, lease_ttl=ttl, renew_margin=margin)
+        direct_routing=direct, lease_ttl=ttl, renew_margin=margin, min_sync_period=sync)
 
 
 def _endpoint(value: Any, ck: Checker) -> str | None:

@@ -314,7 +314,7 @@ def _endpoint_slice(obj: dict, labels: dict, prefix: str, ck: Checker) -> dict |
         ready = flags.get("ready")
         ready = True if ready is None else ready
         serving = flags.get("serving")
-        serving = ready if serving is None else serving
+        serving = True if serving is None else serving        # kube-proxy: absent means true
         terminating = bool(flags.get("terminating"))
         ref = ck.mapping(ep.get("targetRef"), join(epath, "targetRef"))
         target = (ck.string(ref.get("name"), join(epath, "targetRef.name"))

@@ -33,6 +33,7 @@ class Cluster:
     direct_routing: bool = False          # vxlan: plain routes to peers on the same L2 segment
     lease_ttl: int = 86400                # flannel subnet lease TTL (seconds)
     renew_margin: int = 3600              # renew when less than this remains
+    min_sync_period: float = 1.0          # kube-proxy --min-sync-period (seconds)
 
 
 @dataclass(frozen=True)
