@@ -154,7 +154,7 @@ def cmd_up(args) -> int:
     _interrupt_on_term()
     report = applier.up(plan_lab(topo), os.path.abspath(args.topology), args.timeout,
                         replan=lambda subnets: plan_lab(topo, subnets=subnets),
-                        objects=expand(args.topology))
+                        objects=expand(args.topology), topology=topo)
     st = LabState.load(topo.name)
     if args.output == "json":
         print(as_json(dict(status_dict(report.plan, st), upSeconds=round(report.seconds, 3))))
@@ -220,7 +220,9 @@ def cmd_apply(args) -> int:
         doc, touched = changes.merge(doc, changes.read_file(args.filename), delete=args.command == "delete")
     result = changes.change(lab, doc, touched)
     verb = {"apply": "applied", "delete": "deleted", "scale": "scaled"}[args.command]
-    print(f"{verb}: {', '.join(touched)}; pods +{len(result.added)} -{len(result.removed)}")
+    print(f"{verb}: {', '.join(touched)}; pods +{len(result.added)} -{len(result.removed)}"
+          + (f"; {result.services_changed} Services reprogrammed on every node in "
+             f"{result.programming_s * 1000:.0f} ms" if result.services_changed else ""))
     for pod in result.added:
         print(f"  + {pod.key} on {pod.node} {pod.ip}")
     for pod in result.removed:
@@ -236,7 +238,7 @@ def cmd_node_add(args) -> int:
     change = nodes.add_node(lab, args.name, labels)
     n = change.node
     print(f"node {n.name} joined lab {lab}: {n.address}, subnet {n.subnet}; "
-          f"every peer programmed it {change.convergence_s * 1000:.0f} ms after its lease was written")
+          f"the overlay converged (every peer programmed it, it programmed every peer) {change.convergence_s * 1000:.0f} ms after its lease claim")
     return 0
 
 

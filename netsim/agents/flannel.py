@@ -19,6 +19,7 @@ then re-lists and resumes. A status file records each peer and when it was progr
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -37,8 +38,8 @@ from netsim.plan.overlay import (PeerPlan, on_link, parse_subnet_env, peer_plan,
                                  subnet_env, vtep_mac)
 from netsim.registry import Compacted, RegistryError, Unavailable, open_registry
 from netsim.registry.flannel import (CONFIG_KEY, SUBNETS_PREFIX, CorruptLease, LeaseAttrs,
-                                     NetworkConfig, SubnetLease, acquire_lease, lease_from_kv,
-                                     parse_subnet_key, renew_lease, renewal_delay)
+                                     NetworkConfig, SubnetLease, SubnetsExhausted, acquire_lease,
+                                     lease_from_kv, parse_subnet_key, renew_lease, renewal_delay)
 
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
@@ -81,11 +82,12 @@ class Agent:
         attrs = (LeaseAttrs.vxlan(self.public_ip, mac, backend.vni) if mac
                  else LeaseAttrs(IPv4Address(self.public_ip), backend.type))
         previous = self._previous_subnet()
+        claimed_at = time.time()     # before the claim: peers may see the lease before we return
         self.lease = self._retry(lambda: acquire_lease(
             self.reg, self.config, self.public_ip, attrs, ttl=self.args.lease_ttl,
             rng=random.SystemRandom(), previous=previous), "acquire a subnet lease")
         log(f"acquired lease {self.lease.subnet} (registry lease {self.lease.lease_id})")
-        self.status.update(subnet=str(self.lease.subnet), acquired_at=time.time(), backend=backend.type)
+        self.status.update(subnet=str(self.lease.subnet), acquired_at=claimed_at, backend=backend.type)
         if mac:
             self.configure_vxlan_address()
         mtu = pod_mtu(backend.type, self._uplink_mtu()) if not backend.mtu else backend.mtu - (50 if backend.type == "vxlan" else 0)
@@ -96,6 +98,9 @@ class Agent:
         self.write_status()
         if self.args.ready_file:
             write_atomic(Path(self.args.ready_file), json.dumps({"pid": os.getpid(), "subnet": str(self.lease.subnet)}))
+        # Start-up garbage is long-lived; freezing it keeps full collections short, so
+        # agents that all handle the same event do not stall together (~100 ms seen).
+        gc.freeze()
         self.watch(revision)
 
     def _read_config(self) -> NetworkConfig:
@@ -213,6 +218,7 @@ class Agent:
         if old:
             self.unprogram(old[1])
             log(f"removed peer {subnet}")
+            self.status.setdefault("removed", {})[subnet] = time.time()
         self.status["peers"].pop(subnet, None)
         self.write_status()
 
@@ -321,6 +327,9 @@ class Agent:
         while True:
             try:
                 return fn()
+            except SubnetsExhausted as exc:
+                # Not transient: flanneld exits on "out of subnets" instead of retrying.
+                raise SystemExit(f"flannel: error: could not {what}: {exc}") from None
             except (RegistryError, OSError) as exc:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"flannel: error: could not {what}: {exc}")

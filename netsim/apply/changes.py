@@ -36,6 +36,8 @@ class Change:
     added: list[PodPlan]
     removed: list[PodPlan]
     objects: list[str]          # "Kind ns/name" changed
+    programming_s: float = 0.0  # Services written → rules in every node's kernel
+    services_changed: int = 0
 
 
 # -- the desired-objects document ---------------------------------------------------
@@ -124,7 +126,7 @@ def merge(doc: dict, objects: list[dict], delete: bool) -> tuple[dict, list[str]
 
 # -- applying -------------------------------------------------------------------------
 
-def change(lab: str, doc: dict, touched: list[str], timeout: float = 30.0, publish=None) -> Change:
+def change(lab: str, doc: dict, touched: list[str], timeout: float = 30.0) -> Change:
     """Validate ``doc`` whole, then make the running lab match it."""
     old = labstate.load_plan(lab)
     try:
@@ -133,7 +135,6 @@ def change(lab: str, doc: dict, touched: list[str], timeout: float = 30.0, publi
         raise TopologyError(err.problems, f"lab {lab} after this change", "nothing was changed") from None
     subnets = {n.name: IPv4Network(n.subnet) for n in old.nodes}
     new = plan_lab(topo, previous=old, subnets=subnets)
-    new = replace(new, namespaces=new.namespaces)
     st = LabState.load(lab)
     old_keys, new_keys = {p.key for p in old.pods}, {p.key for p in new.pods}
     removed = [p for p in old.pods if p.key not in new_keys]
@@ -147,9 +148,15 @@ def change(lab: str, doc: dict, touched: list[str], timeout: float = 30.0, publi
     labstate.save_plan(new)
     save_objects(lab, doc)
     wait_answers(new, added, timeout)
-    if publish is not None:
-        publish(lab, topo, new)
-    return Change(new, topo, added, removed, touched)
+    result = Change(new, topo, added, removed, touched)
+    from .lab import _PROXY_READY
+    if new.proxy_mode == "iptables" and _PROXY_READY:
+        from .services import publish, wait_programmed
+        res, keys, since = publish(lab, topo, new)
+        result.services_changed = len(keys)
+        if keys:
+            result.programming_s = wait_programmed(lab, new, res, keys, since, timeout)
+    return result
 
 
 def add_pod(lab: str, plan: LabPlan, pod: PodPlan) -> None:

@@ -28,6 +28,8 @@ from . import kernel, labstate, netns
 from .labstate import LabState, Process
 
 STOP_GRACE = 3.0
+import importlib.util as _ilu  # TEMPORARY: until netsim.proxy.iptables lands
+_PROXY_READY = _ilu.find_spec("netsim.proxy.iptables") is not None
 
 
 @dataclass
@@ -37,7 +39,8 @@ class UpReport:
 
 
 def up(plan: LabPlan, source: str = "", timeout: float = 30.0,
-       replan: Callable[[dict], LabPlan] | None = None, objects: dict | None = None) -> UpReport:
+       replan: Callable[[dict], LabPlan] | None = None, objects: dict | None = None,
+       topology=None) -> UpReport:
     """Create the lab and return once every pod answers. On any failure, undo it all.
 
     Order, as on a real cluster: machines and underlay; the registry and the network
@@ -66,6 +69,11 @@ def up(plan: LabPlan, source: str = "", timeout: float = 30.0,
         for ext in plan.externals:
             start_external_server(ext, st)
         wait_pods(plan, max(timeout - (time.monotonic() - t0), 1.0))
+        if topology is not None and plan.proxy_mode == "iptables" and _PROXY_READY:
+            from .services import publish
+            publish(plan.lab, topology, plan)
+            proxies = {n.name: start_kubeproxy(plan, n.name, url, st) for n in plan.nodes}
+            wait_kubeproxies(plan, proxies, max(timeout - (time.monotonic() - t0), 1.0))
         if objects is not None:
             from .changes import pin_addresses, save_objects
             save_objects(plan.lab, pin_addresses(objects, plan))
@@ -150,6 +158,29 @@ def start_flannel(plan: LabPlan, node: str, url: str, st: LabState) -> Process:
     if n.vtep_mac:
         args += ["--vtep-mac", n.vtep_mac]
     return start_agent(st, "flannel", n.netns, node, args)
+
+
+def start_kubeproxy(plan: LabPlan, node: str, url: str, st: LabState) -> Process:
+    """Start the node's kube-proxy agent (iptables mode)."""
+    n = plan.node(node)
+    d = labstate.lab_dir(plan.lab) / "kube-proxy"
+    d.mkdir(exist_ok=True)
+    (d / f"{node}.ready").unlink(missing_ok=True)
+    args = [sys.executable, "-m", "netsim.agents.kubeproxy", "--registry", url, "--node", node,
+            "--node-ip", n.address, "--pod-cidr", plan.pod_cidr, "--iface", naming.UPLINK,
+            "--iptables-backend", plan.iptables_backend, "--min-sync-period", str(plan.min_sync_period),
+            "--status-file", str(d / f"{node}.json"), "--ready-file", str(d / f"{node}.ready")]
+    return start_agent(st, "kube-proxy", n.netns, node, args)
+
+
+def wait_kubeproxies(plan: LabPlan, agents: dict[str, Process], timeout: float) -> None:
+    """Wait for each kube-proxy's first full sync."""
+    deadline = time.monotonic() + timeout
+    d = labstate.lab_dir(plan.lab)
+    for node, proc in agents.items():
+        log = d / "logs" / f"kube-proxy-{node}.log"
+        wait_for(lambda: ready_or_dead(d / "kube-proxy" / f"{node}.ready", proc, log, f"kube-proxy on {node}"),
+                 f"kube-proxy on {node} to sync its rules (log: {log})", max(deadline - time.monotonic(), 0.1))
 
 
 def wait_leases(plan: LabPlan, timeout: float, agents: dict[str, Process]) -> dict[str, str]:
@@ -248,6 +279,9 @@ def start_agent(st: LabState, role: str, ns: str, node: str, args: list[str]) ->
     finally:
         log.close()
     rec = Process(proc.pid, role, ns, labstate.start_time(proc.pid))
+    # A restarted agent replaces its dead predecessor's record (status reads the first match).
+    st.processes = [p for p in st.processes
+                    if not (p.role == role and p.netns == ns and not process_running(p))]
     st.processes.append(rec)
     st.save()
     return rec

@@ -160,7 +160,9 @@ def remove_node(lab: str, name: str, timeout: float = 30.0) -> NodeChange:
 
 def wait_converged(lab: str, plan, node: NodePlan, present: bool, timeout: float, since: float | None = None) -> float:
     """Wait until every other node has (or no longer has) ``node``'s subnet programmed, and
-    return the time from the lease change to the last peer's programming."""
+    return the time from the lease change to the last programming, as the agents recorded
+    it: for a join, the later of "every peer programmed the new node" and "the new node
+    programmed every peer"; for a removal, the last peer's removal."""
     subnet = node.subnet
     peers = [n for n in plan.nodes if n.name != node.name]
 
@@ -174,12 +176,12 @@ def wait_converged(lab: str, plan, node: NodePlan, present: bool, timeout: float
         return all((subnet in status(n).get("peers", {})) == present for n in peers)
 
     wait_for(done, f"every node to {'program' if present else 'remove'} {node.name}'s subnet {subnet}", timeout)
-    finished = time.time()
-    if present:
-        start = status(node).get("acquired_at", finished)
-        last = max((status(n)["peers"][subnet]["programmed_at"] for n in peers), default=start)
-        # The new node must also have programmed every existing peer.
-        wait_for(lambda: all(n.subnet in status(node).get("peers", {}) for n in peers),
-                 f"{node.name} to program its peers", timeout)
-        return max(last - start, 0.0)
-    return finished - (since or finished)
+    if not present:
+        removed = [status(n).get("removed", {}).get(subnet) for n in peers]
+        return max((t for t in removed if t), default=since or 0.0) - (since or 0.0)
+    wait_for(lambda: all(n.subnet in status(node).get("peers", {}) for n in peers),
+             f"{node.name} to program its peers", timeout)
+    start = status(node)["acquired_at"]
+    times = [status(n)["peers"][subnet]["programmed_at"] for n in peers]
+    times += [status(node)["peers"][n.subnet]["programmed_at"] for n in peers]
+    return max(max(times, default=start) - start, 0.0)

@@ -1,0 +1,246 @@
+"""A kube-proxy-like node agent, iptables mode. One per node, a process inside the node.
+
+Like kube-proxy it:
+
+* lists the cluster's Services (with their endpoints) and watches for changes;
+* on start-up, after a failed restore and every ``--full-sync-period``, does a full sync:
+  ensures the jumps from the built-in chains (``iptables -C``/``-I``) and loads every
+  KUBE-* chain with one ``iptables-restore --noflush``;
+* otherwise does partial syncs: only the chains of Services that changed, stale chains
+  flushed and deleted, at most once per ``--min-sync-period`` (events are coalesced);
+* after a sync, deletes UDP conntrack entries that still point at removed endpoints;
+* sets the sysctls kube-proxy sets in iptables mode (route_localnet for localhost NodePorts).
+
+A status file records each sync (full or partial, rules, seconds) and, per Service, when
+it was written to the registry and when its rules were in the kernel, which is the
+network-programming latency.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from netsim.agents.l2announce import Announcer
+from netsim.proxy import state
+from netsim.proxy.iptables import jump_rules, render
+from netsim.proxy.model import NodeContext, ServicePort
+from netsim.registry import Compacted, RegistryError, open_registry
+
+BINARIES = {"nft": ("iptables-nft", "iptables-nft-restore"),
+            "legacy": ("iptables-legacy", "iptables-legacy-restore")}
+SYSCTLS = (("net/ipv4/conf/all/route_localnet", "1"),)
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} kube-proxy: {msg}", file=sys.stderr, flush=True)
+
+
+class Stop(Exception):
+    pass
+
+
+class Proxier:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.iptables, self.restore = BINARIES[args.iptables_backend]
+        self.node = NodeContext(args.node, tuple(args.node_ip), args.pod_cidr)
+        self.services: dict[str, list[ServicePort]] = {}      # registry key → ports
+        self.written: dict[str, float] = {}
+        self.pending: set[str] = set()                        # keys changed since the last sync
+        self.chains: set[str] = set()                         # KUBE chains in the kernel
+        self.need_full = True
+        self.last_sync = 0.0
+        self.last_full = 0.0
+        self.status: dict = {"node": args.node, "syncs": 0, "programmed": {}}
+        self.udp_stale: list[tuple[str, int, str]] = []       # (service address, port, endpoint IP)
+        self.announce: dict[str, dict[str, str]] = {}         # registry key → {LB IP: speaker node}
+        self.announcer = Announcer(args.iface)
+
+    # -- state --------------------------------------------------------------------
+    def load(self, reg) -> int:
+        snapshot = reg.range(state.PREFIX)
+        self.services = {}
+        for kv in snapshot:
+            self._set(kv.key, kv.value)
+        self.need_full = True
+        return snapshot.revision
+
+    def _set(self, key: str, value: str | None) -> None:
+        old = self.services.get(key, [])
+        if value is None:
+            self.services.pop(key, None)
+            self.announce.pop(key, None)
+            new: list[ServicePort] = []
+        else:
+            try:
+                new, announce, written = state.decode(value)
+            except (ValueError, KeyError, TypeError) as exc:
+                log(f"skipping unreadable service {key}: {exc}")
+                return
+            self.services[key] = new
+            self.announce[key] = announce
+            self.written[key] = written
+        self.pending.add(key)
+        self._flush_udp(old, new)
+
+    # -- syncing ------------------------------------------------------------------------
+    def sync(self) -> None:
+        ports = [p for plist in self.services.values() for p in plist]
+        full = self.need_full or time.monotonic() - self.last_full > self.args.full_sync_period
+        t0 = time.monotonic()
+        # Removed services need no key: their chains are stale and render() deletes them.
+        changed = None if full else {self._port_key(p) for k in self.pending for p in self.services.get(k, [])}
+        ruleset = render(ports, self.node, changed=changed, existing_chains=frozenset(self.chains))
+        if full:
+            self.ensure_jumps()
+        done = subprocess.run([self.restore, "--noflush", "--counters"], input=ruleset.text,
+                              text=True, capture_output=True)
+        if done.returncode != 0:
+            self.need_full = True
+            log(f"{self.restore} failed ({done.stderr.strip().splitlines()[-1:]}); a full sync follows")
+            return
+        took = time.monotonic() - t0
+        now = time.time()
+        self.chains = set(ruleset.chains)
+        for k in self.pending:
+            if k in self.services:
+                self.status["programmed"][k] = {"written_at": self.written.get(k, 0.0), "programmed_at": now}
+            else:
+                self.status["programmed"].pop(k, None)
+        self.pending.clear()
+        self.need_full = False
+        self.last_sync = time.monotonic()
+        if full:
+            self.last_full = self.last_sync
+        self._flush_pending_udp()
+        mine = {ip for m in self.announce.values() for ip, node in m.items() if node == self.node.name}
+        taken, given = self.announcer.ensure(mine)
+        if taken or given:
+            log(f"L2: announcing {sorted(mine) or 'nothing'} (took {sorted(taken)}, gave up {sorted(given)})")
+        self.status.update(announcing=sorted(mine), syncs=self.status["syncs"] + 1, last_sync=now, last_sync_full=full,
+                           last_sync_seconds=round(took, 4), rules=ruleset.rule_count,
+                           services=len(self.services))
+        self.write_status()
+        log(f"{'full' if full else 'partial'} sync: {ruleset.rule_count} rules in {took * 1000:.0f} ms")
+
+    def _port_key(self, p: ServicePort) -> str:
+        return p.spn + p.proto
+
+    def ensure_jumps(self) -> None:
+        for table, chain, words in jump_rules():
+            if subprocess.run([self.iptables, "-w", "-t", table, "-C", chain] + words,
+                              capture_output=True).returncode != 0:
+                # The chain must exist before a rule can jump to it.
+                subprocess.run([self.iptables, "-w", "-t", table, "-N", words[-1]], capture_output=True)
+                subprocess.run([self.iptables, "-w", "-t", table, "-I", chain] + words, check=True,
+                               capture_output=True)
+
+    # -- UDP conntrack --------------------------------------------------------------------
+    def _flush_udp(self, old: list[ServicePort], new: list[ServicePort]) -> None:
+        """Remember (service address, port, endpoint IP) of UDP endpoints that went away."""
+        new_by_key = {self._port_key(p): p for p in new}
+        for p in old:
+            if p.protocol != "UDP":
+                continue
+            still = new_by_key.get(self._port_key(p))
+            keep = {e.ip for e in still.endpoints} if still else set()
+            addresses = [(vip, p.port) for vip in (p.cluster_ip,) + p.external_ips + p.load_balancer_ips]
+            if p.node_port:
+                addresses += [(ip, p.node_port) for ip in self.node.node_ips]
+            self.udp_stale += [(vip, port, ep.ip) for ep in p.endpoints if ep.ip not in keep
+                               for vip, port in addresses]
+
+    def _flush_pending_udp(self) -> None:
+        """Delete conntrack flows to a service address whose reply comes from a gone endpoint."""
+        for vip, port, ep in self.udp_stale:
+            subprocess.run(["conntrack", "-D", "-p", "udp", "--orig-dst", vip, "--orig-port-dst", str(port),
+                            "--reply-src", ep], capture_output=True)
+        if self.udp_stale:
+            log(f"deleted stale UDP conntrack entries for {len(self.udp_stale)} (service, endpoint) pairs")
+        self.udp_stale = []
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        for path, value in SYSCTLS:
+            Path("/proc/sys", path).write_text(value)
+        reg = open_registry(self.args.registry)
+        revision = self.load(reg)
+        self.sync()
+        if self.args.ready_file:
+            Path(self.args.ready_file).write_text(json.dumps({"pid": os.getpid()}))
+        watcher = reg.watch(state.PREFIX, start_revision=revision + 1)
+        gc.freeze()                   # keep start-up objects out of full collections
+        while True:
+            wait = None
+            if self.pending or self.need_full:
+                wait = max(0.0, self.args.min_sync_period - (time.monotonic() - self.last_sync))
+            try:
+                batch = watcher.next_batch(timeout=wait if wait is not None else 1.0)
+            except Compacted:
+                watcher.close()
+                revision = self.load(reg)
+                watcher = reg.watch(state.PREFIX, start_revision=revision + 1)
+                continue
+            except RegistryError as exc:
+                log(f"registry unavailable ({exc}); rules kept, retrying")
+                watcher.close()
+                time.sleep(1.0)            # retry interval while the registry is away
+                try:
+                    revision = self.load(reg)
+                    watcher = reg.watch(state.PREFIX, start_revision=revision + 1)
+                except RegistryError:
+                    pass
+                continue
+            if batch is not None:
+                for ev in batch.events:
+                    self._set(ev.kv.key, ev.kv.value if ev.type == "PUT" else None)
+            due = time.monotonic() - self.last_sync >= self.args.min_sync_period
+            if (self.pending or self.need_full) and due:
+                self.sync()
+            elif time.monotonic() - self.last_full > self.args.full_sync_period:
+                self.sync()
+
+    def write_status(self) -> None:
+        if self.args.status_file:
+            tmp = Path(self.args.status_file + ".tmp")
+            tmp.write_text(json.dumps(self.status, indent=1))
+            os.replace(tmp, self.args.status_file)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="netsim.agents.kubeproxy", description="kube-proxy-like node agent")
+    p.add_argument("--registry", required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--node-ip", action="append", required=True)
+    p.add_argument("--pod-cidr", required=True, help="cluster CIDR: the local-traffic detector")
+    p.add_argument("--iface", default="eth0", help="the uplink, where LoadBalancer IPs are announced")
+    p.add_argument("--iptables-backend", choices=sorted(BINARIES), default="nft")
+    p.add_argument("--min-sync-period", type=float, default=1.0, help="seconds (kube-proxy default 1)")
+    p.add_argument("--full-sync-period", type=float, default=3600.0, help="seconds (kube-proxy: 1 h)")
+    p.add_argument("--status-file")
+    p.add_argument("--ready-file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    def stop(signum, frame):
+        raise Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        Proxier(args).run()
+    except Stop:
+        log("exiting")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
