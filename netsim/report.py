@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from .apply import labstate, netns
+from .apply.lab import process_running
 from .apply.labstate import LabState
 from .plan.state import LabPlan
 
@@ -28,8 +29,8 @@ def flannel_status(lab: str, node: str) -> dict:
 def status_dict(plan: LabPlan, st: LabState | None) -> dict:
     procs = st.processes if st else []
     def alive(ns: str, role: str = "podserver") -> bool:
-        rec = next((p for p in procs if p.netns == ns and p.role == role), None)
-        return bool(rec and labstate.start_time(rec.pid) == rec.start_time)
+        rec = next((p for p in reversed(procs) if p.netns == ns and p.role == role), None)
+        return bool(rec and process_running(rec))
     return {
         "lab": plan.lab, "status": st.status if st else "planned",
         "podCIDR": plan.pod_cidr, "serviceCIDR": plan.service_cidr,
