@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from netsim.registry.flannel import (CONFIG_KEY, SUBNETS_PREFIX, CorruptLease, L
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 4
+IPTABLES_RESYNC = 5.0            # seconds, flanneld's --iptables-resync
 ENOENT, ESRCH, EEXIST = 2, 3, 17
 RESTORE = {"nft": ("iptables-nft-restore", "iptables-nft"),
            "legacy": ("iptables-legacy-restore", "iptables-legacy")}
@@ -67,6 +69,7 @@ class Agent:
         self.config: NetworkConfig | None = None
         self.lease: SubnetLease | None = None
         self.peers: dict[str, tuple[SubnetLease, PeerPlan]] = {}   # subnet → lease and what we programmed
+        self.rules_checked = time.monotonic()
         self.status: dict = {"node": args.node, "public_ip": self.public_ip, "peers": {}, "skipped": {}}
 
     # -- start-up -------------------------------------------------------------------
@@ -163,6 +166,22 @@ class Agent:
         done = subprocess.run([restore, "--noflush"], input=text, text=True, capture_output=True)
         if done.returncode != 0:
             raise SystemExit(f"flannel: error: {restore}: {done.stderr.strip()}")
+
+    def rules_missing(self) -> bool:
+        """flanneld's --iptables-resync check: is any jump, or the last rule of a chain, gone?"""
+        _, iptables = RESTORE[self.args.iptables_backend]
+        checks = [(t, c, w) for t, c, w in flannel_jumps()]
+        table = ""
+        last: dict[str, tuple[str, list[str]]] = {}
+        for line in flannel_chains(self.config.network, self.lease.subnet).splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith("-A "):
+                words = shlex.split(line)
+                last[words[1]] = (table, words[2:])
+        checks += [(t, chain, w) for chain, (t, w) in last.items()]
+        return any(subprocess.run([iptables, "-t", t, "-C", c] + w, capture_output=True).returncode
+                   for t, c, w in checks)
 
     # -- peers ------------------------------------------------------------------------
     def resync(self) -> int:
@@ -269,6 +288,11 @@ class Agent:
                     for ev in batch.events:
                         self.handle_event(ev)
                     revision = batch.revision
+                if self.args.ip_masq and time.monotonic() - self.rules_checked > IPTABLES_RESYNC:
+                    self.rules_checked = time.monotonic()
+                    if self.rules_missing():
+                        log("flannel's iptables rules were changed; re-applying them")
+                        self.install_rules()
                 if renewal_delay(self.lease, self.args.renew_margin) == 0:
                     self.lease = renew_lease(self.reg, self.lease, ttl=self.args.lease_ttl,
                                              margin=self.args.renew_margin)

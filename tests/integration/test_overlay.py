@@ -670,3 +670,16 @@ def test_corrupt_lease_is_skipped(labs):
     until(lambda: not any(flannel_status(lab, n).get("skipped") for n in names + ["n4"]),
           "agents to forget the deleted corrupt lease", 10)
     selftest_ok(lab)
+
+
+def test_flannel_rules_are_kept(vxlan_lab):
+    lab, _ = vxlan_lab
+    """Like flanneld's --iptables-resync: rules someone deleted come back within seconds."""
+    ns = node_ns(lab, "n1")
+    before = sorted(l for l in sh(ns, "iptables-nft-save").splitlines() if "flanneld" in l)
+    assert len(before) == 10            # 2 jumps, 6 FLANNEL-POSTRTG rules, 2 FLANNEL-FWD rules
+    sh(ns, "iptables-nft", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+    sh(ns, "iptables-nft", "-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment",
+       "flanneld forward", "-j", "FLANNEL-FWD")
+    until(lambda: sorted(l for l in sh(ns, "iptables-nft-save").splitlines() if "flanneld" in l) == before,
+          "flannel's rules to be re-applied", timeout=12)
