@@ -149,8 +149,7 @@ def change(lab: str, doc: dict, touched: list[str], timeout: float = 30.0) -> Ch
     save_objects(lab, doc)
     wait_answers(new, added, timeout)
     result = Change(new, topo, added, removed, touched)
-    from .lab import _PROXY_READY
-    if new.proxy_mode == "iptables" and _PROXY_READY:
+    if new.proxy_mode == "iptables":
         from .services import publish, wait_programmed
         res, keys, since = publish(lab, topo, new)
         result.services_changed = len(keys)

@@ -28,8 +28,7 @@ from . import kernel, labstate, netns
 from .labstate import LabState, Process
 
 STOP_GRACE = 3.0
-import importlib.util as _ilu  # TEMPORARY: until netsim.proxy.iptables lands
-_PROXY_READY = _ilu.find_spec("netsim.proxy.iptables") is not None
+
 
 
 @dataclass
@@ -69,7 +68,7 @@ def up(plan: LabPlan, source: str = "", timeout: float = 30.0,
         for ext in plan.externals:
             start_external_server(ext, st)
         wait_pods(plan, max(timeout - (time.monotonic() - t0), 1.0))
-        if topology is not None and plan.proxy_mode == "iptables" and _PROXY_READY:
+        if topology is not None and plan.proxy_mode == "iptables":
             from .services import publish
             publish(plan.lab, topology, plan)
             proxies = {n.name: start_kubeproxy(plan, n.name, url, st) for n in plan.nodes}

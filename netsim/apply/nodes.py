@@ -23,8 +23,8 @@ from ..registry.flannel import subnet_key
 from ..runtime.wait import wait_for
 from ..topology.check import Checker
 from . import labstate, netns
-from .lab import (build_namespace, flannel_dir, registry_url, start_flannel, start_podserver,
-                  stop_processes, wait_leases, wait_pods)
+from .lab import (build_namespace, flannel_dir, registry_url, start_flannel, start_kubeproxy,
+                  start_podserver, stop_processes, wait_kubeproxies, wait_leases, wait_pods)
 from .labstate import LabState
 
 
@@ -69,7 +69,7 @@ def add_node(lab: str, name: str, labels: dict[str, str] | None = None, timeout:
 
 def _join(lab, plan, st, node: NodePlan, underlay: IPv4Network, timeout: float) -> NodeChange:
     name = node.name
-    base, _ = node_namespaces(node, (), underlay.prefixlen, plan.bridge)
+    base, _ = node_namespaces(node, (), underlay, plan.bridge)
     port = Link(naming.underlay_port(name), "veth", plan.underlay_mtu, master=naming.UNDERLAY_BRIDGE,
                 peer=naming.UPLINK, peer_netns=node.netns, peer_mtu=plan.underlay_mtu)
     netns.create(node.netns)
@@ -80,7 +80,7 @@ def _join(lab, plan, st, node: NodePlan, underlay: IPv4Network, timeout: float) 
     agent = start_flannel(grown, name, registry_url(lab), st)
     leased = IPv4Network(wait_leases(replace(grown, nodes=(node,)), timeout, {name: agent})[name])
     node = replace(node, subnet=str(leased), gateway=str(leased.network_address + 1))
-    base, cni = node_namespaces(node, (), underlay.prefixlen, plan.bridge)
+    base, cni = node_namespaces(node, (), underlay, plan.bridge)
     build_namespace(cni, plan.iptables_backend)
     grown = replace(plan, nodes=plan.nodes + (node,),
                     namespaces=plan.namespaces + (base, cni))
@@ -88,13 +88,17 @@ def _join(lab, plan, st, node: NodePlan, underlay: IPv4Network, timeout: float) 
     labstate.save_plan(grown)
     start_podserver(grown, name, st)
     wait_pods(replace(grown, pods=(), externals=(), nodes=(node,)), timeout)
+    if grown.proxy_mode == "iptables":
+        proxy = start_kubeproxy(grown, name, registry_url(lab), st)
+        wait_kubeproxies(grown, {name: proxy}, timeout)
     took = wait_converged(lab, grown, node, present=True, timeout=timeout)
-    from .changes import load_objects, save_objects
+    from .changes import load_objects
     doc = load_objects(lab)
     labels = {k: v for k, v in node.labels.items() if k != "kubernetes.io/hostname"}
     doc["nodes"] = list(doc.get("nodes") or []) + [dict({"name": name, "address": node.address},
                                                         **({"labels": labels} if labels else {}))]
-    save_objects(lab, doc)
+    from .changes import change
+    change(lab, doc, [f"Node {name}"], timeout)     # Services may now be announced from it
     return NodeChange(node, took)
 
 

@@ -51,6 +51,7 @@ def plan_lab(topo: Topology, previous: LabPlan | None = None,
     lab = topo.name
     mtu = pod_mtu(c.overlay, c.underlay_mtu)
     prefix = c.underlay_cidr.prefixlen
+    gateway = c.underlay_cidr.network_address + 1
     node_ips, ext_ips = underlay_addresses(c.underlay_cidr, [n.address for n in topo.nodes],
                                            [e.address for e in topo.externals])
     subnets = subnets or {}
@@ -71,10 +72,14 @@ def plan_lab(topo: Topology, previous: LabPlan | None = None,
             Link(naming.underlay_port(m.name), "veth", c.underlay_mtu, master=naming.UNDERLAY_BRIDGE,
                  peer=naming.UPLINK, peer_netns=m.netns, peer_mtu=c.underlay_mtu)
             for m in nodes + externals),
+        # The reserved first address: the segment's gateway, as a real network has one
+        # (nodes need a default route, e.g. for their own connections to ClusterIPs).
+        addresses=(Address(naming.UNDERLAY_BRIDGE, f"{gateway}/{prefix}"),),
         sysctls=SWITCH_SYSCTLS)]
-    per_node = [node_namespaces(n, pods, prefix, c.bridge) for n in nodes]
+    per_node = [node_namespaces(n, pods, c.underlay_cidr, c.bridge) for n in nodes]
     spaces += [base for base, _ in per_node]
-    spaces += [Namespace(e.netns, "external", e.name, addresses=(Address(naming.UPLINK, f"{e.address}/{prefix}"),))
+    spaces += [Namespace(e.netns, "external", e.name, addresses=(Address(naming.UPLINK, f"{e.address}/{prefix}"),),
+                         routes=(Route("default", naming.UPLINK, str(gateway)),))
                for e in externals]
     # The pod side of each node (CNI's part) comes once the node holds its lease.
     spaces += [cni for _, cni in per_node]
@@ -130,12 +135,15 @@ def plan_overlay(plan: LabPlan) -> tuple[NodeOverlay, ...]:
     return tuple(out)
 
 
-def node_namespaces(node: NodePlan, pods: tuple[PodPlan, ...], underlay_prefix: int,
+def node_namespaces(node: NodePlan, pods: tuple[PodPlan, ...], underlay: _net,
                     bridge: str) -> tuple[Namespace, Namespace]:
-    """A node's two namespace plans: the machine (uplink, sysctls) and its CNI part (cni0, pod ports)."""
+    """A node's two namespace plans: the machine (uplink, default route, sysctls) and its
+    CNI part (cni0, pod ports)."""
     sublen = _net(node.subnet).prefixlen
     base = Namespace(node.netns, "node", node.name,
-                     addresses=(Address(naming.UPLINK, f"{node.address}/{underlay_prefix}"),), sysctls=NODE_SYSCTLS)
+                     addresses=(Address(naming.UPLINK, f"{node.address}/{underlay.prefixlen}"),),
+                     routes=(Route("default", naming.UPLINK, str(underlay.network_address + 1)),),
+                     sysctls=NODE_SYSCTLS)
     cni = Namespace(node.netns, "node-cni", node.name,
                     links=(Link(bridge, "bridge", node.mtu),) + tuple(
                         Link(p.host_veth, "veth", node.mtu, master=bridge, hairpin=True,

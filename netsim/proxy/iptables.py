@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Mapping, Sequence
@@ -229,6 +229,8 @@ def render(ports: Sequence[ServicePort], node: NodeContext, *, changed: set[str]
         h = service_chain_suffix(spn, proto)
         svc_chain, svl_chain = "KUBE-SVC-" + h, "KUBE-SVL-" + h
         ext_chain, fw_chain = "KUBE-EXT-" + h, "KUBE-FW-" + h
+        if any((":" in e.ip) != v6 for e in p.endpoints):      # other-family slices are not ours
+            p = replace(p, endpoints=tuple(e for e in p.endpoints if (":" in e.ip) == v6))
         cluster, local, reachable, has_endpoints = _categorize(p, node_name)
 
         external_ips = [ip for ip in p.external_ips if (":" in ip) == v6]
