@@ -279,7 +279,8 @@ def cmd_selftest(args) -> int:
     from .report import as_json, table
     _need_root()
     lab = labstate.resolve_lab(args.lab)
-    checks = selftest.run(labstate.load_plan(lab))
+    from .apply.services import load_resolution
+    checks = selftest.run(labstate.load_plan(lab), load_resolution(lab))
     failed = [c for c in checks if not c.ok]
     if args.output == "json":
         print(as_json([asdict(c) for c in checks]))

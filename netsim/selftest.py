@@ -22,7 +22,8 @@ class Check:
     ok: bool = False
 
 
-def run(plan: LabPlan) -> list[Check]:
+def run(plan: LabPlan, services=None) -> list[Check]:
+    """Every check; ``services`` (a proxy ``Resolution``) adds the Service paths."""
     checks: list[Check] = []
     node_ns = {n.name: n.netns for n in plan.nodes}
     node_ip = {n.name: n.address for n in plan.nodes}
@@ -62,11 +63,78 @@ def run(plan: LabPlan) -> list[Check]:
                     checks.append(_clientip(f"cross-node pod→pod TCP, no NAT ({plan.overlay})", client, server, "TCP", client.ip))
                 for server in [p for p in there if _port(p, "UDP")][:1]:
                     checks.append(_clientip(f"cross-node pod→pod UDP, no NAT ({plan.overlay})", client, server, "UDP", client.ip))
+    if services is not None:
+        checks += service_checks(plan, services)
     for ext in plan.externals:
         for node in plan.nodes:
             checks.append(_do(Check("external→node IP", ext.name, f"{node.name} {node.address}", "echo reply"),
                               lambda e=ext, ip=node.address: ("reply", ping(e.netns, ip))))
     return checks
+
+
+def service_checks(plan: LabPlan, res) -> list[Check]:
+    """ClusterIP from a pod on every node; NodePort on every node and the LB IP from the
+    first external host. The answer must come from one of the Service's endpoints, and
+    the source it saw must be what kube-proxy promises."""
+    from .proxy.endpoints import categorize
+    checks: list[Check] = []
+    names = {p.ip: p.key for p in plan.pods}
+    node_ips = {n.address for n in plan.nodes}
+    for port in res.ports:
+        backends = {names.get(e.ip, e.ip) for e in port.endpoints if e.ready}
+        if not backends:
+            continue
+        short = {b.split("/")[-1] for b in backends}
+        for node in plan.nodes:
+            client = next((p for p in plan.pods if p.node == node.name and p.key not in backends), None)
+            if client is None:
+                continue
+            target = f"{port.spn} {port.cluster_ip}:{port.port}/{port.protocol}"
+            checks.append(_do(Check(f"pod→ClusterIP ({port.protocol})", client.key, target,
+                                    f"a backend, source {client.ip} (no NAT)"),
+                              lambda c=client, p=port: _via_service(c.netns, p.cluster_ip, p.port, p.protocol,
+                                                                     short, c.ip)))
+        for ext in plan.externals[:1]:
+            if port.node_port and port.protocol == "TCP":
+                for node in plan.nodes:
+                    local = bool(categorize(port, node.name).local)
+                    target = f"{port.spn} {node.name} {node.address}:{port.node_port}"
+                    if port.external_policy_local and not local:
+                        checks.append(_do(Check("external→NodePort, eTP=Local, no local endpoint", ext.name,
+                                                target, "dropped"),
+                                          lambda e=ext, n=node, p=port: _refused(e.netns, n.address, p.node_port)))
+                        continue
+                    want = ext.address if port.external_policy_local else None
+                    checks.append(_do(Check(f"external→NodePort, eTP={'Local' if want else 'Cluster'}", ext.name,
+                                            target, f"a backend, source {want or 'SNATed (not the client)'}"),
+                                      lambda e=ext, n=node, p=port, w=want: _via_service(
+                                          e.netns, n.address, p.node_port, "TCP", short, w,
+                                          not_source=None if w else e.address)))
+            for lb in port.load_balancer_ips if port.protocol == "TCP" else ():
+                checks.append(_do(Check("external→LoadBalancer IP", ext.name, f"{port.spn} {lb}:{port.port}",
+                                        "a backend"),
+                                  lambda e=ext, ip=lb, p=port: _via_service(e.netns, ip, p.port, "TCP", short, None)))
+    return checks
+
+
+def _via_service(ns: str, ip: str, port: int, proto: str, backends: set[str], source: str | None,
+                 not_source: str | None = None) -> tuple[str, bool]:
+    if proto == "TCP":
+        name = http_get(ns, ip, port, "/hostname")
+        seen = http_get(ns, ip, port, "/clientip").rsplit(":", 1)[0]
+    else:
+        name = udp_ask(ns, ip, port, b"hostname")
+        seen = udp_ask(ns, ip, port, b"clientip").rsplit(":", 1)[0]
+    ok = name in backends and (source is None or seen == source) and seen != not_source
+    return f"{name}, source {seen}", ok
+
+
+def _refused(ns: str, ip: str, port: int) -> tuple[str, bool]:
+    try:
+        http_get(ns, ip, port, "/hostname", timeout=0.5)
+    except OSError as exc:
+        return f"no answer ({exc.strerror or exc})", True
+    return "answered", False
 
 
 def _port(pod: PodPlan, proto: str):
