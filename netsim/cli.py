@@ -61,6 +61,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("lab", nargs="?")
     s.set_defaults(func=cmd_shell)
 
+    s = sub.add_parser("proxy", help="kube-proxy: render a node's ruleset without root")
+    psub = s.add_subparsers(dest="proxy_command", required=True, metavar="ACTION")
+    r = psub.add_parser("render", help="print the rules kube-proxy would program on a node")
+    r.add_argument("topology")
+    r.add_argument("--node", required=True)
+    r.add_argument("--mode", choices=("iptables",), default="iptables")
+    r.set_defaults(func=cmd_proxy_render)
+
     s = sub.add_parser("apply", help="create or update Kubernetes objects on a running lab")
     s.add_argument("-f", "--filename", required=True)
     s.add_argument("--lab", "-l")
@@ -206,6 +214,29 @@ def cmd_shell(args) -> int:
     _need_root()
     lab = labstate.resolve_lab(args.lab)
     LabShell(labstate.load_plan(lab)).cmdloop()
+    return 0
+
+
+def cmd_proxy_render(args) -> int:
+    from .plan.lab import plan_lab
+    from .proxy.iptables import jump_rules, render
+    from .proxy.model import NodeContext
+    from .proxy.services import resolve
+    from .topology import load
+    topo = load(args.topology)
+    plan = plan_lab(topo)
+    node = next((n for n in plan.nodes if n.name == args.node), None)
+    if node is None:
+        raise NetsimError(f"no node {args.node!r} in {args.topology} (nodes: {', '.join(n.name for n in plan.nodes)})")
+    res = resolve(topo, plan)
+    for w in res.warnings:
+        print(f"# warning: {w}", file=sys.stderr)
+    ruleset = render(res.ports, NodeContext(node.name, (node.address,), plan.pod_cidr))
+    print(f"# kube-proxy (iptables mode) on {node.name}: {ruleset.rule_count} rules; "
+          f"jumps from the built-in chains, ensured with iptables -C/-I:")
+    for table, chain, words in jump_rules():
+        print("# -t " + table + " -I " + chain + " " + " ".join(f'"{w}"' if " " in w else w for w in words))
+    print(ruleset.text, end="")
     return 0
 
 
