@@ -9,16 +9,14 @@ round adds a node with ``netsim.apply.nodes.add_node`` (what ``netsim node add``
 removes it again with ``remove_node`` (distinct node names per round), so every round
 measures a lab of N nodes plus the joining one. Figures per round:
 
-- ``add``: ``NodeChange.convergence_s`` — from the new node's lease write (its agent's
-  ``acquired_at``) to the last peer's ``programmed_at`` of the new subnet (status files);
-  ``acquired_at`` is taken *after* the agent's put returned, so a peer fed by a push
-  watch (etcd) can program the subnet before it: each peer's signed offset is kept in
-  ``add_peer_offsets`` and such peers are counted in ``peers_before_acquired_at``
-  (netsim clamps a negative figure to 0);
+- ``add``: ``NodeChange.convergence_s`` — from the new node's lease claim (its agent's
+  ``acquired_at``, taken just before the claim) to the last of: every peer's
+  ``programmed_at`` of the new subnet, and the new node's ``programmed_at`` of every peer
+  (status files); each peer's signed offset is kept in ``add_peer_offsets``;
 - ``add_reverse``: from the same ``acquired_at`` to the new node having programmed every
   existing peer (its own status file) — the other half of two-way reachability;
 - ``remove``: ``NodeChange.convergence_s`` of ``remove_node`` — from the lease delete to
-  ``wait_converged`` *seeing* every peer unprogrammed (it polls with backoff up to 100 ms);
+  the last peer's ``removed`` timestamp in its status file;
 - ``remove_exact``: from the lease delete (timestamped here by wrapping the registry
   client ``remove_node`` opens) to the last peer's status-file write (its mtime), i.e. the
   same event without the polling quantum;
