@@ -1,0 +1,174 @@
+"""Kernel tests for the kube-proxy clone (iptables mode): real traffic through real rules."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from labs import machine_snapshot, netsim, status
+
+pytestmark = pytest.mark.root
+
+TOPOLOGY = """
+name: {lab}
+cluster: {{minSyncPeriod: 0.1, loadBalancerPool: [192.168.100.240/28]}}
+nodes: [n1, n2]
+externals: [ext]
+manifests:
+  - apiVersion: apps/v1
+    kind: Deployment
+    metadata: {{name: web}}
+    spec:
+      replicas: 3
+      selector: {{matchLabels: {{app: web}}}}
+      template:
+        metadata: {{labels: {{app: web}}}}
+        spec: {{containers: [{{name: web, ports: [{{name: http, containerPort: 8080}}]}}]}}
+  - {{apiVersion: v1, kind: Pod, metadata: {{name: client, labels: {{app: client}}}},
+     spec: {{nodeName: n1, containers: [{{name: c}}]}}}}
+  - {{apiVersion: v1, kind: Pod, metadata: {{name: solo, labels: {{app: solo}}}},
+     spec: {{nodeName: n1, containers: [{{name: c, ports: [{{containerPort: 9000}}]}}]}}}}
+  - {{apiVersion: v1, kind: Service, metadata: {{name: web}},
+     spec: {{selector: {{app: web}}, ports: [{{port: 80, targetPort: http}}]}}}}
+  - {{apiVersion: v1, kind: Service, metadata: {{name: sticky}},
+     spec: {{selector: {{app: web}}, sessionAffinity: ClientIP, ports: [{{port: 80, targetPort: 8080}}]}}}}
+  - {{apiVersion: v1, kind: Service, metadata: {{name: solo}},
+     spec: {{selector: {{app: solo}}, ports: [{{port: 90, targetPort: 9000}}]}}}}
+  - {{apiVersion: v1, kind: Service, metadata: {{name: empty}},
+     spec: {{selector: {{app: nobody}}, ports: [{{port: 80}}]}}}}
+  - {{apiVersion: v1, kind: Service, metadata: {{name: lb}},
+     spec: {{type: LoadBalancer, selector: {{app: web}}, ports: [{{port: 80, targetPort: 8080, nodePort: 30100}}]}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    name = f"t{os.getpid() % 10000}kp"
+    before = machine_snapshot(name)
+    topo = tmp_path_factory.mktemp("kp") / "kp.yaml"
+    topo.write_text(TOPOLOGY.format(lab=name))
+    netsim("up", str(topo), "--timeout", "60")
+    try:
+        yield name
+    finally:
+        netsim("down", name, check=False)
+    assert machine_snapshot(name) == before
+
+
+def services(lab: str) -> dict:
+    return json.loads(open(f"/run/netsim/{lab}/services.json").read())
+
+
+def run(lab: str, target: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return netsim("exec", "--lab", lab, target, "--", *cmd, check=check)
+
+
+def curl(lab: str, target: str, url: str, timeout: float = 2) -> str:
+    return run(lab, target, "curl", "-s", "--max-time", str(timeout), url, check=False).stdout
+
+
+def test_selftest_covers_every_service_path(lab):
+    data = json.loads(netsim("selftest", lab, "-o", "json").stdout)
+    assert all(c["ok"] for c in data), [c for c in data if not c["ok"]]
+    names = {c["name"] for c in data}
+    assert {"pod→ClusterIP (TCP)", "external→NodePort, eTP=Cluster", "external→LoadBalancer IP"} <= names
+
+
+def test_node_to_clusterip_is_masqueraded_and_pods_are_not(lab):
+    ip = services(lab)["cluster_ips"]["default/web"]
+    pods = {p["ip"] for p in status(lab)["pods"]}
+    seen = curl(lab, "n1", f"http://{ip}/clientip").rsplit(":", 1)[0]
+    assert seen and seen not in pods and not seen.startswith("192.168.100.")  # cni0 or flannel.1 address
+    client = next(p for p in status(lab)["pods"] if p["name"] == "client")
+    assert curl(lab, "client", f"http://{ip}/clientip").rsplit(":", 1)[0] == client["ip"]
+
+
+def test_icmp_to_a_clusterip_gets_no_answer(lab):
+    ip = services(lab)["cluster_ips"]["default/web"]
+    done = run(lab, "client", "ping", "-c", "1", "-W", "1", ip, check=False)
+    assert done.returncode != 0
+
+
+def test_service_without_endpoints_is_refused_at_once(lab):
+    ip = services(lab)["cluster_ips"]["default/empty"]
+    t0 = time.monotonic()
+    done = run(lab, "client", "curl", "-s", "--max-time", "5", f"http://{ip}/", check=False)
+    assert done.returncode == 7                              # connection refused (REJECT)
+    assert time.monotonic() - t0 < 2.0
+    rules = run(lab, "n1", "iptables-nft-save", "-t", "filter").stdout
+    assert '"default/empty has no endpoints"' in rules and "-j REJECT" in rules
+
+
+def test_hairpin_to_own_service_is_masqueraded(lab):
+    ip = services(lab)["cluster_ips"]["default/solo"]
+    seen = curl(lab, "solo", f"http://{ip}:90/clientip").rsplit(":", 1)[0]
+    assert seen == "10.244.1.1"                              # the cni0 bridge address, not the pod
+
+
+def test_session_affinity_pins_a_client(lab):
+    sticky = services(lab)["cluster_ips"]["default/sticky"]
+    web = services(lab)["cluster_ips"]["default/web"]
+    pinned = {curl(lab, "client", f"http://{sticky}/hostname") for _ in range(15)}
+    spread = {curl(lab, "client", f"http://{web}/hostname") for _ in range(30)}
+    assert len(pinned) == 1 and pinned != {""}
+    assert len(spread) > 1
+
+
+def test_load_is_spread_evenly(lab):
+    ip = services(lab)["cluster_ips"]["default/web"]
+    script = ("import urllib.request, collections\n"
+              f"c = collections.Counter(urllib.request.urlopen('http://{ip}/hostname', timeout=2).read() "
+              "for _ in range(300))\nprint(sorted(c.values()))")
+    counts = json.loads(run(lab, "client", "python3", "-c", script).stdout)
+    assert len(counts) == 3
+    expected = sum(counts) / 3
+    chi2 = sum((c - expected) ** 2 / expected for c in counts)
+    assert chi2 < 13.8, counts                              # 0.999 quantile, 2 degrees of freedom
+
+
+def test_loadbalancer_ip_is_announced_by_arp(lab):
+    lb = services(lab)["lb_ips"]["default/lb"]
+    assert curl(lab, "ext", f"http://{lb}/hostname").startswith("web-")
+    neigh = run(lab, "ext", "ip", "neigh", "show", lb).stdout
+    speaker = [n for n in ("n1", "n2")
+               if lb in json.loads(open(f"/run/netsim/{lab}/kube-proxy/{n}.json").read()).get("announcing", [])]
+    assert len(speaker) == 1 and "lladdr" in neigh
+
+
+def test_iptables_save_shows_kube_proxy_shapes(lab):
+    from netsim.proxy.iptables import service_chain_suffix
+    nat = run(lab, "n2", "iptables-nft-save", "-t", "nat").stdout
+    assert f"KUBE-SVC-{service_chain_suffix('default/web', 'tcp')}" in nat
+    assert "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000" in nat
+    assert "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0" in nat
+    assert "--probability 0.33333333349" in nat
+    services_rules = [l for l in nat.splitlines() if l.startswith("-A KUBE-SERVICES")]
+    assert "--dst-type LOCAL -j KUBE-NODEPORTS" in services_rules[-1]
+
+
+def test_apply_and_delete_reprogram_every_node_and_bad_input_changes_nothing(lab, tmp_path):
+    from netsim.proxy.iptables import service_chain_suffix
+    chain = f"KUBE-SVC-{service_chain_suffix('default/extra', 'tcp')}"
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: extra}\n"
+                     "spec: {selector: {app: web}, ports: [{port: 8081, targetPort: 8080}]}\n")
+    out = netsim("apply", "-f", str(extra), "--lab", lab).stdout
+    assert "reprogrammed on every node" in out
+    for node in ("n1", "n2"):
+        assert chain in run(lab, node, "iptables-nft-save", "-t", "nat").stdout
+    before = run(lab, "n1", "iptables-nft-save", "-t", "nat").stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: clash}\n"
+                   "spec: {type: NodePort, selector: {app: web}, ports: [{port: 80, nodePort: 30100}]}\n")
+    done = netsim("apply", "-f", str(bad), "--lab", lab, check=False)
+    assert done.returncode == 2 and "30100" in done.stderr and "nothing was changed" in done.stderr
+    after = run(lab, "n1", "iptables-nft-save", "-t", "nat").stdout
+    strip = lambda text: [l for l in text.splitlines() if not l.startswith(("#", ":"))]
+    assert strip(after) == strip(before)
+    netsim("delete", "-f", str(extra), "--lab", lab)
+    for node in ("n1", "n2"):
+        assert chain not in run(lab, node, "iptables-nft-save", "-t", "nat").stdout
