@@ -109,15 +109,20 @@ def test_demo_nodeport_and_summary(demo):
     topo, _, res = demo
     np = res.port("default", "web-nodeport", "http", "TCP")
     assert np.node_port == 30080 and np.externally_accessible
-    assert res.node_ports == {("default/web-nodeport", "http", "TCP"): 30080}
+    lb_port = res.node_ports[("default/web-lb", "http", "TCP")]              # allocated, dynamic band
+    assert res.node_ports == {("default/web-nodeport", "http", "TCP"): 30080, ("default/web-lb", "http", "TCP"): lb_port}
+    assert 30086 <= lb_port <= 32767
     assert [(p.name, p.port_name, p.protocol) for p in res.ports] == [
-        ("echo", "tcp", "TCP"), ("echo", "udp", "UDP"), ("web", "http", "TCP"), ("web-nodeport", "http", "TCP")]
-    assert res.lb_ips == {} and res.warnings == ()
+        ("echo", "tcp", "TCP"), ("echo", "udp", "UDP"), ("web", "http", "TCP"), ("web-lb", "http", "TCP"),
+        ("web-nodeport", "http", "TCP")]
+    # MetalLB style: the first usable address of the pool (not its network address).
+    assert res.lb_ips == {"default/web-lb": "192.168.100.241"} and res.warnings == ()
+    assert res.port("default", "web-lb", "http", "TCP").external_policy_local
     cidr = topo.cluster.service_cidr
     for ip in res.cluster_ips.values():
         assert IPv4Address(ip) in cidr
         assert int(IPv4Address(ip)) - int(cidr.network_address) > 256      # dynamic band
-    assert len(set(res.cluster_ips.values())) == 3
+    assert len(set(res.cluster_ips.values())) == 4
 
 
 def test_resolve_is_deterministic(demo):

@@ -199,7 +199,7 @@ def test_demo_topology_loads():
     assert [n.name for n in topo.nodes] == ["node-1", "node-2", "node-3"]
     assert [e.name for e in topo.externals] == ["ext-client"]
     assert len(topo.pods) == 12
-    assert sorted(s.name for s in topo.services) == ["echo", "web", "web-nodeport"]
+    assert sorted(s.name for s in topo.services) == ["echo", "web", "web-lb", "web-nodeport"]
     assert sorted((d.name, d.replicas) for d in topo.deployments) == [("echo", 4), ("web", 6)]
     by_owner: dict = {}
     for pod in topo.pods:
