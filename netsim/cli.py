@@ -219,7 +219,7 @@ def cmd_shell(args) -> int:
 
 def cmd_proxy_render(args) -> int:
     from .plan.lab import plan_lab
-    from .proxy.iptables import jump_rules, render
+    from .proxy.backend import render_text
     from .proxy.model import NodeContext
     from .proxy.services import resolve
     from .topology import load
@@ -231,12 +231,7 @@ def cmd_proxy_render(args) -> int:
     res = resolve(topo, plan)
     for w in res.warnings:
         print(f"# warning: {w}", file=sys.stderr)
-    ruleset = render(res.ports, NodeContext(node.name, (node.address,), plan.pod_cidr))
-    print(f"# kube-proxy (iptables mode) on {node.name}: {ruleset.rule_count} rules; "
-          f"jumps from the built-in chains, ensured with iptables -C/-I:")
-    for table, chain, words in jump_rules():
-        print("# -t " + table + " -I " + chain + " " + " ".join(f'"{w}"' if " " in w else w for w in words))
-    print(ruleset.text, end="")
+    print(render_text(args.mode, res.ports, NodeContext(node.name, (node.address,), plan.pod_cidr)), end="")
     return 0
 
 
