@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     r = psub.add_parser("render", help="print the rules kube-proxy would program on a node")
     r.add_argument("topology")
     r.add_argument("--node", required=True)
-    r.add_argument("--mode", choices=("iptables",), default="iptables")
+    r.add_argument("--mode", choices=("iptables", "ipvs", "nftables"), default="iptables")
     r.set_defaults(func=cmd_proxy_render)
 
     s = sub.add_parser("apply", help="create or update Kubernetes objects on a running lab")

@@ -22,6 +22,7 @@ only what its mode puts in the kernel of one node:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Protocol, Sequence
 
 from .model import NodeContext, ServicePort
@@ -56,13 +57,15 @@ class Backend(Protocol):
 
 
 def render_text(mode: str, ports: Sequence[ServicePort], node: NodeContext) -> str:
-    """The desired state of ``mode`` on ``node`` as deterministic text (no root)."""
-    if mode == "iptables":
-        from .iptables import jump_rules, render
-        ruleset = render(ports, node)
-        head = [f"# kube-proxy (iptables mode) on {node.name}: {ruleset.rule_count} rules; "
-                f"jumps from the built-in chains, ensured with iptables -C/-I:"]
-        head += ["# -t " + table + " -I " + chain + " " + " ".join(f'"{w}"' if " " in w else w for w in words)
-                 for table, chain, words in jump_rules()]
-        return "\n".join(head) + "\n" + ruleset.text
-    raise NotImplementedError(f"proxy mode {mode!r} has no renderer yet")
+    """The desired state of ``mode`` on ``node`` as deterministic text (no root): each mode's
+    renderer module ``netsim.proxy.<mode>`` has ``render_text(ports, node)``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown proxy mode {mode!r} (one of {', '.join(MODES)})")
+    return import_module(f"{__package__}.{mode}").render_text(ports, node)
+
+
+def backend_class(mode: str) -> type:
+    """The kernel-programming class of ``mode``: ``netsim.proxy.<mode>_apply.Backend``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown proxy mode {mode!r} (one of {', '.join(MODES)})")
+    return import_module(f"{__package__}.{mode}_apply").Backend

@@ -483,3 +483,14 @@ def _lb_rules(out: list[str], chain: str, spn: str, endpoints: list[Endpoint], s
             out.append(f"-A {chain}{comment} -m statistic --mode random --probability {probability(n - i)} -j {sep[es]}")
         else:
             out.append(f"-A {chain}{comment} -j {sep[es]}")
+
+
+def render_text(ports: Sequence[ServicePort], node: NodeContext) -> str:
+    """What ``netsim proxy render --mode iptables`` prints: the built-in jumps as comments,
+    then the full-sync ``iptables-restore`` input."""
+    ruleset = render(ports, node)
+    head = [f"# kube-proxy (iptables mode) on {node.name}: {ruleset.rule_count} rules; "
+            f"jumps from the built-in chains, ensured with iptables -C/-I:"]
+    head += ["# -t " + table + " -I " + chain + " " + " ".join(f'"{w}"' if " " in w else w for w in words)
+             for table, chain, words in jump_rules()]
+    return "\n".join(head) + "\n" + ruleset.text
