@@ -231,7 +231,8 @@ def cmd_proxy_render(args) -> int:
     res = resolve(topo, plan)
     for w in res.warnings:
         print(f"# warning: {w}", file=sys.stderr)
-    print(render_text(args.mode, res.ports, NodeContext(node.name, (node.address,), plan.pod_cidr)), end="")
+    print(render_text(args.mode, res.ports, NodeContext(node.name, (node.address,), plan.pod_cidr,
+                                                           service_cidrs=(plan.service_cidr,))), end="")
     return 0
 
 
