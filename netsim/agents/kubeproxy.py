@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser().error(f"--backend-opt needs KEY=VALUE, not {bad[0]!r}")
     try:
+        backend_class(args.mode)
+    except ImportError as exc:
+        log(f"proxy mode {args.mode} is not available: {exc}")
+        return 1
+    try:
         proxier = Proxier(args)
         if args.cleanup:
             proxier.cleanup_other_modes()
