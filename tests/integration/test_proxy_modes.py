@@ -158,19 +158,23 @@ b = Backend(NODE)
 full_old = b.sync(old, None)
 partial = b.sync(new, changed)
 incremental = table()
-written = partial.written
-b2 = Backend(NODE)
-b2.cleanup()
-b2.sync(new, None)
-print(json.dumps({"same": incremental == table(), "full": [full_old.full, partial.full],
-                  "written": [full_old.written, written], "cleanup": b2.cleanup(),
+restarted = Backend(NODE)                      # a new agent finds the table of the last one
+restarted.sync(old, None)
+after_restart = table()
+fresh = Backend(NODE)
+fresh.cleanup(); fresh.sync(new, None); clean_new = table()
+fresh.cleanup(); fresh.sync(old, None); clean_old = table()
+print(json.dumps({"incremental_same": incremental == clean_new, "restart_same": after_restart == clean_old,
+                  "full": [full_old.full, partial.full], "written": [full_old.written, partial.written],
+                  "cleanup": fresh.cleanup(),
                   "after": subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout}))
 """
 
 
-def test_partial_sync_leaves_the_kernel_as_a_full_sync_does_and_cleanup_removes_the_table(netns):
+def test_partial_and_restart_syncs_leave_the_kernel_as_a_fresh_full_sync_and_cleanup_removes_it(netns):
     result = json.loads(in_ns(netns, BACKEND_SCRIPT))
-    assert result["same"], "incremental and full sync differ"
+    assert result["incremental_same"], "a partial sync left the table unlike a full sync"
+    assert result["restart_same"], "a restarted agent's full sync left stale objects"
     assert result["full"] == [True, False]
     assert 0 < result["written"][1] < result["written"][0]
     assert result["cleanup"] == "table ip kube-proxy" and result["after"] == ""
