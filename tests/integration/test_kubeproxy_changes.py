@@ -15,7 +15,7 @@ pytestmark = pytest.mark.root
 
 TOPOLOGY = """
 name: {lab}
-cluster: {{minSyncPeriod: 0.1}}
+cluster: {{minSyncPeriod: 0.1, loadBalancerPool: [192.168.100.240/28]}}
 nodes: [n1, n2]
 externals: [ext]
 manifests:
@@ -25,6 +25,12 @@ manifests:
   - {{apiVersion: v1, kind: Service, metadata: {{name: loc}},
      spec: {{type: NodePort, externalTrafficPolicy: Local, selector: {{app: loc}},
             ports: [{{port: 80, targetPort: 8080, nodePort: 30200}}]}}}}
+  - {{apiVersion: v1, kind: Service, metadata: {{name: fw-open}},
+     spec: {{type: LoadBalancer, selector: {{app: loc}}, loadBalancerSourceRanges: [192.168.100.254/32],
+            ports: [{{port: 80, targetPort: 8080}}]}}}}
+  - {{apiVersion: v1, kind: Service, metadata: {{name: fw-shut}},
+     spec: {{type: LoadBalancer, selector: {{app: loc}}, loadBalancerSourceRanges: [203.0.113.0/24],
+            ports: [{{port: 80, targetPort: 8080}}]}}}}
 {rotation}
   - {{apiVersion: v1, kind: Service, metadata: {{name: rot}},
      spec: {{selector: {{app: rot}}, ports: [{{port: 80, targetPort: 8080}}]}}}}
@@ -80,6 +86,17 @@ def test_etp_local_node_without_local_endpoint_drops(lab):
     rules = netsim("exec", "--lab", lab, "n2", "--", "iptables-nft-save", "-t", "filter").stdout
     assert any('"default/loc has no local endpoints"' in line and line.endswith("--dport 30200 -j DROP")
                for line in rules.splitlines() if line.startswith("-A KUBE-EXTERNAL-SERVICES")), rules
+
+
+def test_load_balancer_source_ranges_are_enforced(lab):
+    ext_ip = next(e["address"] for e in status(lab)["externals"] if e["name"] == "ext")
+    assert ext_ip == "192.168.100.254"                            # inside fw-open's range only
+    lb = services(lab)["lb_ips"]
+    assert curl(lab, "ext", f"http://{lb['default/fw-open']}/hostname").stdout == "loc"
+    shut = curl(lab, "ext", f"http://{lb['default/fw-shut']}/hostname", timeout=1)
+    assert shut.returncode == 28 and shut.stdout == ""             # dropped by KUBE-FW / KUBE-PROXY-FIREWALL
+    rules = netsim("exec", "--lab", lab, "n1", "--", "iptables-nft-save", "-t", "filter").stdout
+    assert f'-d {lb["default/fw-shut"]}/32' in rules and "traffic not accepted by KUBE-FW-" in rules
 
 
 def test_deleted_pod_leaves_the_rotation(lab, tmp_path):
