@@ -1,6 +1,7 @@
 """Kernel tests for kube-proxy behaviour that depends on where endpoints are and on changes:
 eTP=Local on a node without a local endpoint, a deleted pod leaving the rotation, and UDP
-flows that must not stick to a deleted endpoint through a stale conntrack entry."""
+flows that must not stick to a deleted endpoint through a stale conntrack entry; and
+loadBalancerSourceRanges."""
 from __future__ import annotations
 
 import json
