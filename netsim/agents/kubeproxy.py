@@ -58,7 +58,7 @@ class Proxier:
         self.need_full = True
         self.last_sync = 0.0
         self.last_full = 0.0
-        self.status: dict = {"node": args.node, "mode": args.mode, "syncs": 0, "programmed": {}}
+        self.status: dict = {"node": args.node, "mode": args.mode, "syncs": 0, "programmed": {}, "removed": {}}
         self.udp_stale: list[tuple[str, int, str]] = []       # (service address, port, endpoint IP)
         self.announce: dict[str, dict[str, str]] = {}         # registry key → {LB IP: speaker node}
         self.announcer = Announcer(args.iface)
@@ -85,6 +85,7 @@ class Proxier:
                 log(f"skipping unreadable service {key}: {exc}")
                 return
             self.services[key] = new
+            self.status["removed"].pop(key, None)
             self.announce[key] = announce
             self.written[key] = written
         self.pending.add(key)
@@ -109,6 +110,7 @@ class Proxier:
                 self.status["programmed"][k] = {"written_at": self.written.get(k, 0.0), "programmed_at": now}
             else:
                 self.status["programmed"].pop(k, None)
+                self.status["removed"][k] = now       # its rules are gone from the kernel
         self.pending.clear()
         self.changed_ports.clear()
         self.need_full = False
