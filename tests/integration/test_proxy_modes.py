@@ -118,6 +118,21 @@ def test_switching_modes_leaves_no_stale_state_and_traffic_keeps_working(lab):
     assert "nothing to do" in again
 
 
+def test_a_node_that_cannot_switch_puts_every_node_back(lab):
+    netsim("proxy", "mode", "iptables", "--lab", lab)
+    # a foreign table in node-2's way: nftables mode cannot create its set of IPv4 ClusterIPs
+    node_sh(lab, "node-2", "nft add table ip kube-proxy && nft add set ip kube-proxy cluster-ips '{ type ipv6_addr ; }'")
+    done = netsim("proxy", "mode", "nftables", "--lab", lab, "--timeout", "5", check=False)
+    assert done.returncode == 1 and "kube-proxy on node-2" in done.stderr and "Traceback" not in done.stderr
+    assert status(lab)["proxyMode"] == "iptables"
+    for node in NODES:
+        st = kernel_state(lab, node)
+        assert not st["nft_table"] and st["kube_chains"] > 0, (node, st)      # the foreign table went too
+    selftest_ok(lab)
+    netsim("proxy", "mode", "nftables", "--lab", lab)
+    selftest_ok(lab)
+
+
 def test_unknown_or_missing_mode_is_one_line_and_changes_nothing(lab):
     done = netsim("proxy", "mode", "userspace", "--lab", lab, check=False)
     assert done.returncode == 2 and "invalid choice" in done.stderr
