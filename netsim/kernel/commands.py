@@ -20,11 +20,14 @@ def choose(topo, kernel: str, host: features.Features | None = None,
     return decide.decide(kernel, features.needs(topo), host, guest)
 
 
-def check_text(topo=None, host=None, guest=None) -> tuple[str, int]:
+_PROBE = object()
+
+
+def check_text(topo=None, host=None, guest=_PROBE) -> tuple[str, int]:
     """What the host and the UML kernel have, what ``topo`` needs, and the verdict."""
     from ..report import table
     host = host or features.host_features()
-    guest = guest if guest is not None else features.uml_features()
+    guest = features.uml_features() if guest is _PROBE else guest
     needed = {n.feature: n.why for n in features.needs(topo)} if topo else {}
     yes = lambda f, n: "-" if f is None else ("yes" if f.have.get(n) else "no")
     rows = [[features.FEATURES[n][0], yes(host, n), yes(guest, n), needed.get(n, "")] for n in features.FEATURES]
