@@ -96,6 +96,9 @@ def guest_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         "HOME": os.environ.get("HOME", "/root"), "TMPDIR": "/run/netsim-uml/tmp",
         "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", IN_GUEST_ENV: "1",
     }
+    if not sys.stdout.isatty():                 # the guest console is a tty; the host's output is not
+        env["NO_COLOR"] = env["PY_COLORS"] = "0"
+        env["NO_COLOR"] = "1"
     for key in PASS_ENV:
         if key in os.environ:
             env[key] = os.environ[key]
