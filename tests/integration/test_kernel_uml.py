@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from netsim.kernel import decide, features, uml
+from netsim.kernel import decide, features, guestlab, uml
 
 from labs import REPO, lab_netns, machine_snapshot, netsim
 
@@ -128,3 +129,25 @@ def test_run_with_the_nft_backend_in_uml_is_refused_with_a_hint(tmp_path):
     topo.write_text(SMALL.replace("name: um-small", "name: um-nft").replace("iptablesBackend: legacy", "iptablesBackend: nft"))
     done = netsim("run", str(topo), "--kernel", "uml", check=False)
     assert done.returncode == 1 and "iptablesBackend: legacy" in done.stderr
+
+
+def test_up_in_uml_forwards_status_exec_selftest_and_down(tmp_path):
+    topo = tmp_path / "um-live.yaml"
+    topo.write_text(SMALL.replace("name: um-small", "name: um-live"))
+    up = netsim("up", str(topo), "--kernel", "uml", timeout=600)
+    try:
+        assert "runs in a user-mode Linux guest" in up.stderr
+        rec = guestlab.load("um-live")
+        assert rec is not None and rec.alive()
+        status = json.loads(netsim("status", "um-live", "-o", "json").stdout)
+        assert status["lab"] == "um-live" and all(n["present"] for n in status["nodes"])
+        done = netsim("exec", "--lab", "um-live", "n1", "--", "sh", "-c", "ip -br link show cni0; exit 4", check=False)
+        assert done.returncode == 4 and "cni0" in done.stdout
+        assert "0 failed" in netsim("selftest", "um-live").stdout
+        assert lab_netns("um-live") == []            # the lab's namespaces live in the guest only
+    finally:
+        down = netsim("down", "um-live", check=False, timeout=300)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "powered off" in down.stderr
+    assert guestlab.load("um-live") is None and uml.group_members(rec.pid) == []
+    assert not Path(rec.run_dir).exists()
