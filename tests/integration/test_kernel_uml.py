@@ -151,3 +151,36 @@ def test_up_in_uml_forwards_status_exec_selftest_and_down(tmp_path):
     assert "powered off" in down.stderr
     assert guestlab.load("um-live") is None and uml.group_members(rec.pid) == []
     assert not Path(rec.run_dir).exists()
+
+
+TINY = """name: {name}
+cluster: {{iptablesBackend: legacy}}
+nodes: [{{name: n1}}]
+"""
+
+
+def _guest_of(lab: str):
+    return guestlab.load(lab)
+
+
+def test_ctrl_c_during_up_in_uml_and_clean_of_a_running_guest_leave_nothing(tmp_path):
+    topo = tmp_path / "um-tiny.yaml"
+    topo.write_text(TINY.format(name="um-tiny"))
+    proc = subprocess.Popen([sys.executable, "-m", "netsim", "up", str(topo), "--kernel", "uml"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    from netsim.runtime.wait import wait_for
+    rec = wait_for(lambda: _guest_of("um-tiny"), "the guest record of um-tiny", 60)
+    wait_for(lambda: Path(rec.run_dir, "out").exists(), "the guest's request server", 60)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert guestlab.load("um-tiny") is None and uml.group_members(rec.pid) == []
+    assert not Path(rec.run_dir).exists()
+
+    netsim("up", str(topo), "--kernel", "uml", timeout=300)
+    rec = guestlab.load("um-tiny")
+    assert rec.alive()
+    cleaned = netsim("clean", "um-tiny")
+    assert "um-tiny (UML guest" in cleaned.stdout
+    assert guestlab.load("um-tiny") is None and uml.group_members(rec.pid) == []
+    assert not Path(rec.run_dir).exists()
