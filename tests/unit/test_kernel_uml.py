@@ -81,3 +81,11 @@ def test_boot_and_run_timeouts_name_what_never_happened():
         follow([b"booting\n"], boot_timeout=0.05)
     with pytest.raises(uml.GuestTimeout, match="sleep 9 to finish in the UML guest"):
         follow([uml.BEGIN + b"\n"], timeout=0.05, command=["sleep", "9"])
+
+
+def test_guest_env_keeps_the_lab_state_private(monkeypatch):
+    monkeypatch.setenv("NETSIM_STATE_DIR", "/tmp/somewhere")
+    monkeypatch.setenv("NETSIM_UPDATE_GOLDEN", "1")
+    env = uml.guest_env()
+    assert "NETSIM_STATE_DIR" not in env and env["NETSIM_UPDATE_GOLDEN"] == "1"
+    assert env["PATH"].startswith("/run/netsim-uml/bin:") and env["NETSIM_IN_UML"] == "1"
