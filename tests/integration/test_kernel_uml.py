@@ -70,7 +70,7 @@ def _start(*extra: str) -> tuple[subprocess.Popen, int, str]:
     return proc, pid, run_dir
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "timeout"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "timeout", "SIGKILL"])
 def test_ctrl_c_sigterm_and_timeout_leave_no_guest_and_no_files(how):
     proc, pid, run_dir = _start(*(["--timeout", "6"] if how == "timeout" else []))
     if how != "timeout":
@@ -78,6 +78,10 @@ def test_ctrl_c_sigterm_and_timeout_leave_no_guest_and_no_files(how):
     _, err = proc.communicate(timeout=60)
     if how == "timeout":
         assert proc.returncode == 1 and "timed out after 6s" in err
+    elif how == "SIGKILL":                      # no chance to clean: the guest dies with its parent,
+        from netsim.runtime.wait import wait_for   # and the next run sweeps the directory
+        wait_for(lambda: not uml.group_members(pid), "the orphaned guest to exit", 15)
+        assert run_dir in uml.sweep_stale()
     else:
         assert proc.returncode == 130
     assert uml.group_members(pid) == []
