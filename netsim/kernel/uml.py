@@ -217,10 +217,6 @@ def _alive(pid: int) -> bool:
         return True
 
 
-class _Terminate(Exception):
-    pass
-
-
 def prepare(command: Sequence[str], cwd: str | None = None, env: dict[str, str] | None = None,
             modules: Sequence[str] = MODULES, tmp: Path | None = None) -> Path:
     """A fresh run directory holding the guest's init script; its result file goes there too."""
