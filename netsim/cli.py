@@ -122,6 +122,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
     s.set_defaults(func=cmd_selftest)
 
+    s = sub.add_parser("probe", help="send one probe FROM a pod/node/external TO a target; exit 0 if reached")
+    s.add_argument("source", metavar="FROM", help="pod, ns/pod, node or external")
+    s.add_argument("target", metavar="TARGET", help="pod[:port], Service, ClusterIP:port, NodeIP:nodePort, LB-IP:port, node, external")
+    s.add_argument("--proto", choices=("tcp", "udp", "icmp"))
+    s.add_argument("--port", help="port number or name (a Service's port)")
+    s.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for an answer (default 1)")
+    s.add_argument("--lab", "-l")
+    s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.set_defaults(func=cmd_probe)
+
     s = sub.add_parser("clean", help="remove everything netsim created (all labs, or one)")
     s.add_argument("lab", nargs="?")
     s.set_defaults(func=cmd_clean)
@@ -315,6 +325,26 @@ def cmd_selftest(args) -> int:
                     ["CHECK", "FROM", "TO", "EXPECT", "GOT", "RESULT"]))
         print(f"\n{len(checks) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def _probe_context(args):
+    from .apply import labstate
+    from .apply.services import load_resolution
+    from .probes.targets import resolve_source, resolve_target
+    _need_root()
+    lab = labstate.resolve_lab(args.lab)
+    plan = labstate.load_plan(lab)
+    res = load_resolution(lab)
+    return lab, plan, res, resolve_source(args.source, plan), resolve_target(args.target, plan, res, args.proto, args.port)
+
+
+def cmd_probe(args) -> int:
+    from .probes import probe
+    from .report import as_json
+    lab, plan, res, src, target = _probe_context(args)
+    result = probe.run(plan, src, target, timeout=args.timeout)
+    print(as_json(result.to_dict()) if args.output == "json" else probe.text(result))
+    return 0 if result.reached else 1
 
 
 def cmd_clean(args) -> int:
