@@ -132,6 +132,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
     s.set_defaults(func=cmd_probe)
 
+    s = sub.add_parser("verify", help="check a running lab against its verify: section and the default Service matrix")
+    s.add_argument("lab", nargs="?", metavar="TOPO|LAB", help="a topology file (its verify: section) or a lab name")
+    s.add_argument("--lab", "-l", dest="lab_name", help="the running lab, when TOPO's name differs")
+    s.add_argument("--no-matrix", action="store_true", help="only the topology's verify: tests")
+    s.add_argument("--matrix-only", action="store_true", help="only the default matrix")
+    s.add_argument("--timeout", type=float, default=0.5, help="seconds per probe (default 0.5)")
+    s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.set_defaults(func=cmd_verify)
+
     s = sub.add_parser("clean", help="remove everything netsim created (all labs, or one)")
     s.add_argument("lab", nargs="?")
     s.set_defaults(func=cmd_clean)
@@ -345,6 +354,40 @@ def cmd_probe(args) -> int:
     result = probe.run(plan, src, target, timeout=args.timeout)
     print(as_json(result.to_dict()) if args.output == "json" else probe.text(result))
     return 0 if result.reached else 1
+
+
+def cmd_verify(args) -> int:
+    from .apply import changes, labstate
+    from .apply.services import load_resolution
+    from .probes import verify
+    from .report import as_json, table
+    from .topology import load
+    from .topology.load import load_data
+    _need_root()
+    if args.lab and os.path.isfile(args.lab):
+        topo = load(args.lab)
+        lab = labstate.resolve_lab(args.lab_name or topo.name)
+    else:
+        lab = labstate.resolve_lab(args.lab or args.lab_name)
+        topo = load_data(changes.load_objects(lab), source=f"lab {lab}")
+    plan, res = labstate.load_plan(lab), load_resolution(lab)
+    cases = [] if args.matrix_only else verify.from_tests(topo.verify)
+    if not args.no_matrix:
+        cases += verify.default_matrix(plan, res)
+    outcomes, seconds = verify.run(plan, res, cases, timeout=args.timeout)
+    failed = [o for o in outcomes if not o.ok]
+    rate = len(outcomes) / seconds if seconds else 0.0
+    if args.output == "json":
+        print(as_json({"lab": lab, "seconds": round(seconds, 3), "probesPerSecond": round(rate, 1),
+                       "passed": len(outcomes) - len(failed), "failed": len(failed),
+                       "results": [o.to_dict() for o in outcomes]}))
+    else:
+        rows = [[o.case.name, o.case.source, o.case.target + (f"/{o.case.proto}" if o.case.proto else ""),
+                 o.case.expect.text(), o.got, "ok" if o.ok else "FAIL: " + "; ".join(o.why)] for o in outcomes]
+        print(table(rows, ["TEST", "FROM", "TO", "EXPECT", "GOT", "RESULT"]))
+        print(f"\n{len(outcomes) - len(failed)} passed, {len(failed)} failed")
+        print(f"{len(outcomes)} probes in {seconds:.2f}s ({rate:.0f} probes/s)")
+    return 1 if failed else 0
 
 
 def cmd_clean(args) -> int:
