@@ -132,6 +132,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
     s.set_defaults(func=cmd_probe)
 
+    s = sub.add_parser("trace", help="follow one probe hop by hop: captures, NAT, rules matched, conntrack, pcapng")
+    s.add_argument("source", metavar="FROM")
+    s.add_argument("target", metavar="TARGET")
+    s.add_argument("--proto", choices=("tcp", "udp", "icmp"))
+    s.add_argument("--port")
+    s.add_argument("--timeout", type=float, default=1.0)
+    s.add_argument("-w", "--write", metavar="PCAPNG", help="where to write the pcapng (default: the lab's traces/ directory)")
+    s.add_argument("--lab", "-l")
+    s.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    s.set_defaults(func=cmd_trace)
+
     s = sub.add_parser("verify", help="check a running lab against its verify: section and the default Service matrix")
     s.add_argument("lab", nargs="?", metavar="TOPO|LAB", help="a topology file (its verify: section) or a lab name")
     s.add_argument("--lab", "-l", dest="lab_name", help="the running lab, when TOPO's name differs")
@@ -354,6 +365,18 @@ def cmd_probe(args) -> int:
     result = probe.run(plan, src, target, timeout=args.timeout)
     print(as_json(result.to_dict()) if args.output == "json" else probe.text(result))
     return 0 if result.reached else 1
+
+
+def cmd_trace(args) -> int:
+    import time as _time
+    from .apply import labstate
+    from .probes import trace
+    from .report import as_json
+    lab, plan, res, src, target = _probe_context(args)
+    pcap = args.write or str(labstate.lab_dir(lab) / "traces" / f"trace-{_time.strftime('%Y%m%d-%H%M%S')}.pcapng")
+    result = trace.run(plan, src, target, pcap, timeout=args.timeout)
+    print(as_json(result.to_dict()) if args.output == "json" else trace.text(result))
+    return 0 if result.crafted.reached else 1
 
 
 def cmd_verify(args) -> int:

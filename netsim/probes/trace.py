@@ -1,0 +1,160 @@
+"""``netsim trace FROM TARGET``: one crafted probe, followed hop by hop in both directions.
+
+While the probe (a scapy SYN, UDP datagram or ICMP echo with a known IP ID) runs:
+
+* every interface it may cross is captured (``capture``): the source's and the
+  candidate backends' eth0 and host-side veth, every node's bridge, flannel.1 and
+  uplink, the underlay switch ports, external hosts;
+* every node traces the netfilter rules its packets match (``nftrace``).
+
+Afterwards: the frames of the probe's flow in time order with the 5-tuple at each hop
+and the VXLAN outer header on the underlay (``walk``), where DNAT and SNAT happened,
+the rules that matched per node, the conntrack entries (``conntrack``), and a pcapng
+with one interface per hop (``pcapng``). Everything set up is taken down in ``finally``.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..plan.state import LabPlan
+from . import conntrack, nftrace, pcapng, scapyprobe, walk
+from .capture import Capture, hops_for
+from .targets import Source, Target
+
+
+@dataclass
+class TraceResult:
+    source: Source
+    target: Target
+    ip_id: int
+    crafted: scapyprobe.Crafted
+    steps: list[walk.Step]
+    nat: list[dict]
+    rules: list[nftrace.TracedPacket]
+    conntrack: list[conntrack.Entry]
+    ipvs: dict[str, list[str]] = field(default_factory=dict)
+    pcap: str | None = None
+    hops_captured: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "from": self.source.name, "sourceIP": self.crafted.src, "to": self.target.label,
+            "proto": self.target.proto, "address": self.target.address, "ipId": self.ip_id,
+            "reached": self.crafted.reached, "verdict": self.crafted.verdict,
+            "steps": [s.to_dict() for s in self.steps], "nat": self.nat,
+            "rules": [{"node": p.node, "packet": p.summary(), "rules": p.rules} for p in self.rules],
+            "conntrack": [{"node": e.node, "entry": e.line, "nat": e.nat} for e in self.conntrack],
+            "ipvs": self.ipvs, "pcapng": self.pcap, "interfacesCaptured": self.hops_captured,
+            "notes": self.notes,
+        }
+
+
+def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: float = 1.0) -> TraceResult:
+    ip_id = random.randint(1, 0xFFFF)
+    pods = ([src.name] if src.kind == "pod" else []) + [b for b in target.backends if "/" in b]
+    externals = [src.name] if src.kind == "external" else []
+    externals += [b for b in target.backends if "/" not in b]
+    hops = hops_for(plan, pods, externals)
+    notes: list[str] = []
+    traced = plan.iptables_backend == "nft" or plan.proxy_mode == "nftables"
+    monitors = [nftrace.Monitor(n.name, n.netns) for n in plan.nodes] if traced else []
+    if not traced:
+        notes.append("rule tracing needs nf_tables (iptablesBackend: nft or proxyMode: nftables); "
+                     "this lab uses iptables-legacy, so only captures and conntrack are shown")
+    lines: dict[str, list[str]] = {}
+    try:
+        for m in monitors:
+            m.start(ip_id)
+        with Capture(hops) as cap:
+            crafted = scapyprobe.send(src.netns, target.ip, target.proto, target.port, timeout=timeout, ip_id=ip_id)
+            frames = cap.until_quiet()
+    finally:
+        for m in monitors:
+            lines[m.node] = m.stop()
+    steps = walk.assemble(frames, hops, ip_id, target.proto)
+    forward = {s.tuple for s in steps if s.leg == "forward"}
+    rules = [p for m in monitors for p in nftrace.parse(m.node, lines.get(m.node, []))]
+    entries = [e for n in plan.nodes for e in conntrack.entries(n.name, n.netns, forward)]
+    ipvs = {}
+    if plan.proxy_mode == "ipvs":
+        addrs = {s.src for s in steps} | {s.dst for s in steps}
+        ipvs = {n.name: conns for n in plan.nodes if (conns := conntrack.ipvs_connections(n.netns, addrs))}
+    result = TraceResult(src, target, ip_id, crafted, steps, walk.nat_events(steps), rules, entries, ipvs,
+                         hops_captured=len(hops), notes=notes)
+    if pcap:
+        write_pcap(pcap, hops, frames, steps)
+        result.pcap = pcap
+    return result
+
+
+def write_pcap(path: str, hops, frames, steps: list[walk.Step]) -> None:
+    used = sorted({frames[s.frame].hop for s in steps})
+    index = {h: i for i, h in enumerate(used)}
+    interfaces = [(hops[h].label, hops[h].role) for h in used]
+    packets = []
+    for s in steps:
+        f = frames[s.frame]
+        comment = f"step {s.n} {s.leg} {s.direction} {s.hop}: {s.proto} {s.addr()} {s.info}".strip()
+        if s.nat:
+            comment += " | " + "; ".join(s.nat)
+        packets.append((index[f.hop], f.ts_ns, f.data, f.outgoing, comment))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pcapng.write(path, interfaces, packets)
+
+
+# -- text for people ----------------------------------------------------------------------
+def text(r: TraceResult) -> str:
+    out = [f"trace {r.source.name} ({r.crafted.src}) → {r.target.label}",
+           f"probe: {r.target.proto.upper()} {'SYN' if r.target.proto == 'tcp' else ''} IP ID {r.ip_id}; "
+           f"{'reached' if r.crafted.reached else 'NOT reached'} ({r.crafted.verdict})", ""]
+    if not r.steps:
+        out.append("no packet of the probe was seen on any interface")
+    width = max((len(s.hop) for s in r.steps), default=10)
+    for s in r.steps:
+        arrow = "→" if s.leg == "forward" else "←"
+        line = f"{s.n:>3} {arrow} {s.hop:<{width}} {s.direction:<3} {s.proto} {s.addr()} {s.info}".rstrip()
+        out.append(line)
+        if s.outer:
+            o = s.outer
+            out.append(f"{'':>6}{'':<{width}}     VXLAN outer {o['src']}:{o['sport']} → {o['dst']}:{o['dport']} VNI {o['vni']}")
+        for change in s.nat:
+            out.append(f"{'':>6}{'':<{width}}     ** {change}")
+    if r.nat:
+        out += ["", "NAT (where the 5-tuple changed):"]
+        seen = set()
+        for e in r.nat:
+            key = (e["leg"], tuple(e["kinds"]), tuple(e["between"]))
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(f"  {' + '.join(e['kinds'])} on the {e['leg']} path ({e['packet']}) between "
+                       f"{e['between'][0]} and {e['between'][1]}: {'; '.join(e['changes'])}")
+    if r.rules:
+        out += ["", "netfilter rules matched (nft monitor trace):"]
+        for p in r.rules:
+            interesting = [x for x in p.rules if x["rule"] or x["verdict"] not in ("accept", "continue")]
+            if not interesting:
+                continue
+            out.append(f"  {p.node}: {p.summary()}")
+            for x in interesting:
+                rule = x["rule"] or f"policy {x['verdict']}"
+                shown = x["rule"] and x["verdict"] and not x["rule"].endswith(x["verdict"])
+                verdict = f"  → {x['verdict']}" if shown else ""
+                out.append(f"      {x['table']:<7} {x['chain']:<28} {rule}{verdict}")
+    if r.conntrack:
+        out += ["", "conntrack:"]
+        for e in r.conntrack:
+            out.append(f"  {e.node}: {e.line}")
+            for n in e.nat:
+                out.append(f"      {n}")
+    for node, conns in r.ipvs.items():
+        out += ["", f"IPVS connections on {node}:"] + [f"  {c}" for c in conns]
+    for note in r.notes:
+        out += ["", f"note: {note}"]
+    if r.pcap:
+        out += ["", f"pcapng: {r.pcap} ({len(r.steps)} packets; open in Wireshark, or "
+                    f"tshark -r {r.pcap} -d udp.port==8472,vxlan)"]
+    return "\n".join(out)
