@@ -137,6 +137,6 @@ def parse(node: str, lines: list[str]) -> list[TracedPacket]:
             rule, verdict = "", rest.split()[1]
         elif rest.startswith("verdict "):
             rule, verdict = "", rest[len("verdict "):].strip()
-        rule = re.sub(r"\s*counter packets \d+ bytes \d+", "", rule).strip()
+        rule = " ".join(re.sub(r"\s*counter packets \d+ bytes \d+", "", rule).split())
         pkt.rules.append({"table": m.group("table"), "chain": m.group("chain"), "rule": rule, "verdict": verdict})
     return [p for p in packets.values() if f"udp dport {MARKER_PORT}" not in p.packet and p.packet]
