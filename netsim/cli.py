@@ -143,6 +143,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", choices=("text", "json"), default="text")
     s.set_defaults(func=cmd_trace)
 
+    s = sub.add_parser("graph", help="draw the running topology: nodes, bridges, pods, tunnels, Services")
+    s.add_argument("lab", nargs="?")
+    s.add_argument("-o", "--output", choices=("text", "svg", "png", "dot"), default="text")
+    s.add_argument("-w", "--write", metavar="FILE", help="write the picture here (default: stdout for text/dot, "
+                   "graph.<fmt> in the current directory for svg/png)")
+    s.set_defaults(func=cmd_graph)
+
     s = sub.add_parser("verify", help="check a running lab against its verify: section and the default Service matrix")
     s.add_argument("lab", nargs="?", metavar="TOPO|LAB", help="a topology file (its verify: section) or a lab name")
     s.add_argument("--lab", "-l", dest="lab_name", help="the running lab, when TOPO's name differs")
@@ -377,6 +384,28 @@ def cmd_trace(args) -> int:
     result = trace.run(plan, src, target, pcap, timeout=args.timeout)
     print(as_json(result.to_dict()) if args.output == "json" else trace.text(result))
     return 0 if result.crafted.reached else 1
+
+
+def cmd_graph(args) -> int:
+    from .apply import labstate
+    from .apply.services import load_resolution
+    from .probes import graph
+    lab = labstate.resolve_lab(args.lab)
+    plan, res = labstate.load_plan(lab), load_resolution(lab)
+    if args.output == "text":
+        body = graph.text(plan, res).encode() + b"\n"
+    elif args.output == "dot":
+        body = graph.dot(plan, res).encode()
+    else:
+        body = graph.render(graph.dot(plan, res), args.output)
+    path = args.write or (f"graph.{args.output}" if args.output in ("svg", "png") else None)
+    if path:
+        with open(path, "wb") as f:
+            f.write(body)
+        print(f"wrote {path}")
+    else:
+        sys.stdout.write(body.decode())
+    return 0
 
 
 def cmd_verify(args) -> int:
