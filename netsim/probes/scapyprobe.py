@@ -1,9 +1,9 @@
 """A crafted probe: one TCP SYN, UDP datagram or ICMP echo sent with scapy from inside a namespace.
 
 scapy's routing table and interface list describe the namespace scapy was imported in,
-so nothing here relies on them: the sockets (a raw IP socket to send through the
-namespace's own routing and netfilter OUTPUT path, a packet socket to listen) are
-created inside the source namespace, and the source address comes from that
+so nothing here relies on them: scapy builds and matches the packets, and the sockets
+(raw IP sockets: one to send through the namespace's own routing and netfilter OUTPUT
+path, one per protocol to listen) are created inside the source namespace, and the source address comes from that
 namespace's routing table (pyroute2 ``route get``). The kernel of the source answers
 a SYN-ACK it did not expect with a RST, which ends the half-open handshake cleanly.
 """
@@ -60,23 +60,48 @@ def build(src: str, dst: str, proto: str, dport: int | None, sport: int, ip_id: 
 def send(ns: str, dst: str, proto: str, dport: int | None, timeout: float = 1.0,
          sport: int | None = None, ip_id: int | None = None, src: str | None = None) -> Crafted:
     """Send one probe from ``ns`` and classify the first answer."""
-    from scapy.supersocket import L3RawSocket
     src = src or source_address(ns, dst)
     sport = sport or random.randint(42000, 59999)
     ip_id = ip_id if ip_id is not None else random.randint(1, 0xFFFF)
     packet = build(src, dst, proto, dport, sport, ip_id)
-    with netns.entered(ns):
-        sock = L3RawSocket()
-    try:
-        t0 = time.monotonic()
-        reply = sock.sr1(packet, timeout=timeout, verbose=0)
-        rtt = (time.monotonic() - t0) * 1000
-    finally:
-        sock.close()
+    t0 = time.monotonic()
+    reply = exchange(ns, packet, timeout)
+    rtt = (time.monotonic() - t0) * 1000
     verdict, reached, payload = classify(reply)
     return Crafted(reached, verdict, src, sport if proto != "icmp" else None, ip_id,
                    round(rtt, 2) if reply is not None else None,
                    reply.src if reply is not None else "", payload)
+
+
+def exchange(ns: str, packet, timeout: float):
+    """Send ``packet`` through the namespace's IP stack and return the first answer.
+
+    Answers are read from raw IP sockets of the probe's protocol and of ICMP: they get
+    a copy of every such packet the namespace delivers locally, *after* netfilter, so a
+    reply is seen as the source sees it — with the NAT of a node's own connection to a
+    ClusterIP undone (a packet socket would see it before conntrack reverses the NAT)."""
+    import select
+    import socket
+    from scapy.layers.inet import IP
+    proto = packet[IP].proto
+    with netns.entered(ns):
+        out = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        ins = [socket.socket(socket.AF_INET, socket.SOCK_RAW, p) for p in dict.fromkeys((proto, socket.IPPROTO_ICMP))]
+    try:
+        out.setsockopt(socket.SOL_IP, socket.IP_HDRINCL, 1)
+        out.sendto(bytes(packet), (packet[IP].dst, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(ins, [], [], left)
+            for s in ready:
+                reply = IP(s.recv(65535))
+                if reply.answers(packet):
+                    return reply
+        return None
+    finally:
+        out.close()
+        for s in ins:
+            s.close()
 
 
 def classify(reply) -> tuple[str, bool, str]:

@@ -4,7 +4,7 @@ FROM is a pod (``name`` or ``ns/name``), a node or an external host. TARGET is o
 
 * a pod: ``web-abc``, ``default/web-abc``, ``pod/web-abc`` or its IP, with ``:PORT``;
 * a Service by name: ``web``, ``default/web``, ``svc/web`` (its ClusterIP), or
-  ``ClusterIP:port``;
+  ``ClusterIP:port``; a bare name that is a pod and a Service means the pod;
 * a NodePort: ``NodeIP:nodePort`` or ``node-1:nodePort``;
 * a LoadBalancer IP: ``LB-IP:port``;
 * a node (``node-1``, its IP; ICMP) or an external host (``ext-client``, its IP, its
@@ -96,9 +96,7 @@ def resolve_target(text: str, plan: LabPlan, res, proto: str | None = None,
         return _by_address(name, port, proto, plan, ports, text)
     pod = next((p for p in plan.pods if name in (p.name, p.key)), None) if kind in (None, "pod") else None
     svc = _service_ports(name, ports) if kind in (None, "service") else ()
-    if pod is not None and svc:
-        raise ProbeError(f"{text!r} is both a pod and a Service", )
-    if pod is not None:
+    if pod is not None:                  # a bare name that is both: the pod (svc/NAME for the Service)
         return _pod_target(pod, port, proto)
     if svc:
         sp = _pick_port(svc, port, proto, text)

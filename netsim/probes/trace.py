@@ -38,6 +38,7 @@ class TraceResult:
     pcap: str | None = None
     hops_captured: int = 0
     notes: list[str] = field(default_factory=list)
+    path: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -48,7 +49,7 @@ class TraceResult:
             "rules": [{"node": p.node, "packet": p.summary(), "rules": p.rules} for p in self.rules],
             "conntrack": [{"node": e.node, "entry": e.line, "nat": e.nat} for e in self.conntrack],
             "ipvs": self.ipvs, "pcapng": self.pcap, "interfacesCaptured": self.hops_captured,
-            "notes": self.notes,
+            "notes": self.notes, "path": self.path,
         }
 
 
@@ -82,12 +83,22 @@ def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: f
     if plan.proxy_mode == "ipvs":
         addrs = {s.src for s in steps} | {s.dst for s in steps}
         ipvs = {n.name: conns for n in plan.nodes if (conns := conntrack.ipvs_connections(n.netns, addrs))}
+    destinations = set(target.backends) or {_owner_of(plan, target.ip)}
     result = TraceResult(src, target, ip_id, crafted, steps, walk.nat_events(steps), rules, entries, ipvs,
-                         hops_captured=len(hops), notes=notes)
+                         hops_captured=len(hops), notes=notes,
+                         path=walk.path_summary(steps, destinations, plan.pod_cidr if plan.overlay == "vxlan" else None))
     if pcap:
         write_pcap(pcap, hops, frames, steps)
         result.pcap = pcap
     return result
+
+
+def _owner_of(plan: LabPlan, ip: str) -> str:
+    for group in (plan.nodes, plan.externals):
+        for m in group:
+            if m.address == ip:
+                return m.name
+    return ip
 
 
 def write_pcap(path: str, hops, frames, steps: list[walk.Step]) -> None:
@@ -122,6 +133,16 @@ def text(r: TraceResult) -> str:
             out.append(f"{'':>6}{'':<{width}}     VXLAN outer {o['src']}:{o['sport']} → {o['dst']}:{o['dport']} VNI {o['vni']}")
         for change in s.nat:
             out.append(f"{'':>6}{'':<{width}}     ** {change}")
+    p = r.path
+    if p:
+        out.append("")
+        if p.get("delivered"):
+            out.append(f"path: delivered at {p['deliveredAt']}" +
+                       (f"; the reply came back to {p['lastReply']}" if p.get("lastReply") else "; no reply was seen"))
+        else:
+            out.append(f"path: NOT delivered; the probe was last seen at {p.get('lastSeen')}")
+        for problem in p.get("problems", []):
+            out.append(f"  !! {problem}")
     if r.nat:
         out += ["", "NAT (where the 5-tuple changed):"]
         seen = set()

@@ -90,7 +90,7 @@ def default_matrix(plan: LabPlan, res) -> list[Case]:
             keys = tuple(e.pod or e.ip for e in ready)
             exp = Expectation(reach=bool(keys), backends=keys or None, source="client" if keys else None,
                               hairpin_source=gateway[pod.node])
-            cases.append(Case(f"pod→ClusterIP {sp.proto}", pod.key, f"{sp.namespace}/{sp.name}:{sp.port}", exp,
+            cases.append(Case(f"pod→ClusterIP {sp.proto}", pod.key, f"svc/{sp.namespace}/{sp.name}:{sp.port}", exp,
                               sp.proto))
     for ext in plan.externals[:1]:
         for sp in res.ports:

@@ -204,3 +204,25 @@ def nat_events(steps: list[Step]) -> list[dict]:
                         "changes": list(s.nat), "step": s.n})
         prev_of[key] = s
     return out
+
+
+def path_summary(steps: list[Step], destinations: set[str], pod_cidr: str | None = None) -> dict:
+    """Did the first forward packet arrive at one of ``destinations`` (hop owners: pod keys,
+    external or node names)? Where was it last seen, and what looks broken on the way?"""
+    from ipaddress import IPv4Address, IPv4Network
+    first = next((s for s in steps if s.leg == "forward"), None)
+    if first is None:
+        return {"delivered": False, "lastSeen": None, "problems": ["the probe was not seen on any interface"]}
+    fwd = [s for s in steps if s.leg == "forward" and s.info == first.info]
+    arrived = [s for s in fwd if s.direction == "in" and s.hop.rsplit(" ", 1)[0] in destinations]
+    problems = []
+    net = IPv4Network(pod_cidr) if pod_cidr else None
+    for s in fwd:
+        if (net is not None and s.role == "uplink" and s.direction == "out" and not s.outer
+                and IPv4Address(s.dst) in net):
+            node = s.hop.rsplit(" ", 1)[0]
+            problems.append(f"{node} sent the packet for pod {s.dst} out of eth0 without VXLAN "
+                            f"encapsulation: it has no route for that pod subnet via flannel.1")
+    replies = [s for s in steps if s.leg == "reply"]
+    return {"delivered": bool(arrived), "deliveredAt": arrived[0].hop if arrived else None,
+            "lastSeen": fwd[-1].hop, "lastReply": replies[-1].hop if replies else None, "problems": problems}
