@@ -139,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port")
     s.add_argument("--timeout", type=float, default=1.0)
     s.add_argument("-w", "--write", metavar="PCAPNG", help="where to write the pcapng (default: the lab's traces/ directory)")
+    s.add_argument("--every-packet", action="store_true", help="text: also list the packets after the first answer")
     s.add_argument("--lab", "-l")
     s.add_argument("-o", "--output", choices=("text", "json"), default="text")
     s.set_defaults(func=cmd_trace)
@@ -382,7 +383,7 @@ def cmd_trace(args) -> int:
     lab, plan, res, src, target = _probe_context(args)
     pcap = args.write or str(labstate.lab_dir(lab) / "traces" / f"trace-{_time.strftime('%Y%m%d-%H%M%S')}.pcapng")
     result = trace.run(plan, src, target, pcap, timeout=args.timeout)
-    print(as_json(result.to_dict()) if args.output == "json" else trace.text(result))
+    print(as_json(result.to_dict()) if args.output == "json" else trace.text(result, args.every_packet))
     return 0 if result.crafted.reached else 1
 
 

@@ -1,7 +1,7 @@
 """The probe's connection as each node's conntrack (and IPVS) table holds it.
 
 ``conntrack -L`` inside the node namespace; an entry belongs to the probe when it carries
-the trace's ct mark, or when its original direction is one of the forward 5-tuples the
+the trace's ct mark (which holds the probe's IP ID), or when its original direction is one of the forward 5-tuples the
 captures saw. Its reply tuple is the NAT in one line: a reply source other than the
 original destination is DNAT, a reply destination other than the original source SNAT.
 In IPVS mode the connection is also in ``ipvsadm -Lnc``.
@@ -12,7 +12,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 
-from .nftrace import CT_MARK
+from .nftrace import ct_mark
 from .walk import Tuple5
 
 KV = re.compile(r"(\w+)=(\S+)")
@@ -59,14 +59,14 @@ def parse_line(node: str, line: str) -> Entry | None:
     return Entry(node, line.strip(), tup(halves[0]), tup(halves[1]))
 
 
-def entries(node: str, ns: str, forward: set[Tuple5]) -> list[Entry]:
+def entries(node: str, ns: str, forward: set[Tuple5], ip_id: int | None = None) -> list[Entry]:
     done = subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-L"], capture_output=True, text=True)
     out = []
     for line in done.stdout.splitlines():
         e = parse_line(node, line)
         if e is None:
             continue
-        marked = f"mark={CT_MARK}" in line
+        marked = ip_id is not None and f"mark={ct_mark(ip_id)} " in line + " "
         if marked or e.original in forward:
             out.append(e)
     return out

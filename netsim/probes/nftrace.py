@@ -2,7 +2,7 @@
 
 For the trace only, a table ``ip netsim_trace`` is added in each node's namespace. Its
 chains run right after conntrack (priority -180, before mangle and nat): a packet with
-the probe's IP ID gets ``ct mark`` 0x6e737472 on its connection, and every packet of a
+the probe's IP ID gets ``ct mark`` 0x6e73<IP ID> on its connection, and every packet of a
 connection so marked — the reply too — gets ``meta nftrace set 1``. ``nft monitor
 trace`` in that namespace then prints each rule those packets match, in every table:
 kube-proxy's iptables-nft rules (KUBE-SERVICES → KUBE-SVC-… → KUBE-SEP-… DNAT,
@@ -24,12 +24,16 @@ from ..apply import netns
 from ..runtime.wait import wait_for
 
 TABLE = "netsim_trace"
-CT_MARK = 0x6E737472            # "nstr"
+CT_MARK = 0x6E730000            # "ns" + the probe's 16-bit IP ID: one mark per trace
 MARKER_PORT = 9                 # discard
 
 
+def ct_mark(ip_id: int) -> int:
+    return CT_MARK | (ip_id & 0xFFFF)
+
+
 def ruleset(ip_id: int) -> str:
-    mark = f"0x{CT_MARK:08x}"
+    mark = f"0x{ct_mark(ip_id):08x}"
     chains = []
     for chain, hook in (("pre", "prerouting"), ("out", "output")):
         rules = [f"ip id {ip_id} ct mark set {mark}",

@@ -78,7 +78,7 @@ def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: f
     steps = walk.assemble(frames, hops, ip_id, target.proto)
     forward = {s.tuple for s in steps if s.leg == "forward"}
     rules = [p for m in monitors for p in nftrace.parse(m.node, lines.get(m.node, []))]
-    entries = [e for n in plan.nodes for e in conntrack.entries(n.name, n.netns, forward)]
+    entries = [e for n in plan.nodes for e in conntrack.entries(n.name, n.netns, forward, ip_id if traced else None)]
     ipvs = {}
     if plan.proxy_mode == "ipvs":
         addrs = {s.src for s in steps} | {s.dst for s in steps}
@@ -117,14 +117,23 @@ def write_pcap(path: str, hops, frames, steps: list[walk.Step]) -> None:
 
 
 # -- text for people ----------------------------------------------------------------------
-def text(r: TraceResult) -> str:
+def text(r: TraceResult, every_packet: bool = False) -> str:
+    """The walk for people: the probe and its first answer (``every_packet``: also what
+    followed, such as the source's RST to a SYN-ACK it did not expect)."""
+    steps = r.steps
+    if not every_packet and steps:
+        first = {}
+        for s in steps:
+            first.setdefault(s.leg, s.info)
+        steps = [s for s in steps if first.get(s.leg) == s.info]
+    hidden = len(r.steps) - len(steps)
     out = [f"trace {r.source.name} ({r.crafted.src}) → {r.target.label}",
            f"probe: {r.target.proto.upper()} {'SYN' if r.target.proto == 'tcp' else ''} IP ID {r.ip_id}; "
            f"{'reached' if r.crafted.reached else 'NOT reached'} ({r.crafted.verdict})", ""]
     if not r.steps:
         out.append("no packet of the probe was seen on any interface")
-    width = max((len(s.hop) for s in r.steps), default=10)
-    for s in r.steps:
+    width = max((len(s.hop) for s in steps), default=10)
+    for s in steps:
         arrow = "→" if s.leg == "forward" else "←"
         line = f"{s.n:>3} {arrow} {s.hop:<{width}} {s.direction:<3} {s.proto} {s.addr()} {s.info}".rstrip()
         out.append(line)
@@ -133,6 +142,9 @@ def text(r: TraceResult) -> str:
             out.append(f"{'':>6}{'':<{width}}     VXLAN outer {o['src']}:{o['sport']} → {o['dst']}:{o['dport']} VNI {o['vni']}")
         for change in s.nat:
             out.append(f"{'':>6}{'':<{width}}     ** {change}")
+    if hidden:
+        later = sorted({s.info for s in r.steps if s not in steps})
+        out.append(f"    (+{hidden} steps of later packets: {', '.join(later)}; --every-packet shows them)")
     p = r.path
     if p:
         out.append("")

@@ -113,13 +113,18 @@ def assemble(frames: list[Frame], hops: list[Hop], ip_id: int, proto: str) -> li
     for _, _, p, _ in decoded:
         if p["id"] == ip_id and p["proto"] == proto and not p["quoted"]:
             forward.add((p["proto"], p["src"], p["sport"], p["dst"], p["dport"]))
-    backward = {reverse(t) for t in forward}
+    # Ends seen on the forward path; a packet with a forward source end and a forward
+    # destination end is the probe even if it shows a mix never captured whole (a reply
+    # to the bridge's own address is un-SNATed in PREROUTING, un-DNATed in POSTROUTING).
+    src_ends = {(t[0], t[1], t[2]) for t in forward}
+    dst_ends = {(t[0], t[3], t[4]) for t in forward}
     steps: list[Step] = []
     for i, f, p, outer in sorted(decoded, key=lambda d: (d[1].ts_ns, d[0])):
         t = (p["proto"], p["src"], p["sport"], p["dst"], p["dport"])
-        if t in forward:
+        a, b = (t[0], t[1], t[2]), (t[0], t[3], t[4])
+        if a in src_ends and b in dst_ends:
             leg = "forward"
-        elif t in backward:
+        elif a in dst_ends and b in src_ends:
             leg = "reply"
         elif p["quoted"] and (p["quoted"]["id"] == ip_id or p["quoted"]["tuple"] in forward):
             leg = "reply"

@@ -80,7 +80,7 @@ def test_close_timestamps_in_one_namespace_follow_the_receive_path():
 
 TRACE = """\
 trace id 1a2b ip netsim_trace pre packet: iif "veth1" ip saddr 10.244.1.2 ip daddr 10.96.0.20 ip id 777 tcp sport 45000 tcp dport 80 tcp flags == syn
-trace id 1a2b ip netsim_trace pre rule ip id 777 ct mark set 0x6e737472 (verdict continue)
+trace id 1a2b ip netsim_trace pre rule ip id 777 ct mark set 0x6e730309 (verdict continue)
 trace id 1a2b ip nat PREROUTING packet: iif "veth1" ip saddr 10.244.1.2 ip daddr 10.96.0.20 tcp sport 45000 tcp dport 80
 trace id 1a2b ip nat PREROUTING rule  counter packets 3 bytes 180 jump KUBE-SERVICES (verdict jump KUBE-SERVICES)
 trace id 1a2b ip nat KUBE-SERVICES rule meta l4proto tcp ip daddr 10.96.0.20  tcp dport 80 counter packets 0 bytes 0 jump KUBE-SVC-ABC (verdict jump KUBE-SVC-ABC)
@@ -98,7 +98,7 @@ def test_nft_trace_lines_group_by_packet_without_the_marker():
         ("KUBE-SERVICES", "meta l4proto tcp ip daddr 10.96.0.20 tcp dport 80 jump KUBE-SVC-ABC", "jump KUBE-SVC-ABC"),
         ("KUBE-SEP-XYZ", "meta l4proto tcp dnat to 10.244.2.3:8080", "accept"),
         ("FORWARD", "", "accept")]
-    assert "ip id 4242 ct mark set 0x6e737472" in nftrace.ruleset(4242)
+    assert "ip id 4242 ct mark set 0x6e731092" in nftrace.ruleset(4242)
 
 
 def test_conntrack_lines_say_their_nat():
