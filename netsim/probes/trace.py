@@ -163,8 +163,10 @@ def text(r: TraceResult, every_packet: bool = False) -> str:
             if key in seen:
                 continue
             seen.add(key)
-            out.append(f"  {' + '.join(e['kinds'])} on the {e['leg']} path ({e['packet']}) between "
-                       f"{e['between'][0]} and {e['between'][1]}: {'; '.join(e['changes'])}")
+            a, b = e["between"]
+            where = f"between {a} and {b}" if a != b else f"inside {a.split()[0]}, in and out of {a.split()[-1]}"
+            out.append(f"  {' + '.join(e['kinds'])} on the {e['leg']} path ({e['packet']}) {where}: "
+                       f"{'; '.join(e['changes'])}")
     if r.rules:
         out += ["", "netfilter rules matched (nft monitor trace):"]
         for p in r.rules:

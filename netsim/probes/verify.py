@@ -37,7 +37,7 @@ class Expectation:
         if self.backends is not None:
             parts.append(f"backend in {_group(self.backends)}")
         if self.source:
-            parts.append(f"source {self.source}")
+            parts.append(f"source {self.source}" + (f" ({self.hairpin_source} if itself)" if self.hairpin_source else ""))
         if self.nat:
             parts.append(f"nat {self.nat}")
         return ", ".join(parts)
