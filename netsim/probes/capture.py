@@ -76,8 +76,12 @@ class Capture:
         self.socks: list[tuple[int, socket.socket]] = []
 
     def __enter__(self) -> "Capture":
+        self.missing: list[str] = []           # hops whose namespace or interface is gone
         try:
             for i, hop in enumerate(self.hops):
+                if not netns.exists(hop.netns):
+                    self.missing.append(hop.label)
+                    continue
                 with netns.entered(hop.netns):
                     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
                 try:
@@ -86,7 +90,8 @@ class Capture:
                     s.bind((hop.iface, ETH_P_ALL))
                 except OSError:
                     s.close()
-                    raise
+                    self.missing.append(hop.label)
+                    continue
                 s.setblocking(False)
                 self.socks.append((i, s))
         except BaseException:

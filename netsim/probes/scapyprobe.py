@@ -25,7 +25,7 @@ class Crafted:
     reached: bool
     verdict: str               # SYN-ACK | RST | UDP reply | echo reply | ICMP ... | no answer
     src: str                   # the source address used
-    sport: int | None
+    sport: int                 # TCP/UDP source port; the echo identifier for ICMP
     ip_id: int
     rtt_ms: float | None = None
     reply_from: str = ""       # the address the reply came from
@@ -68,7 +68,7 @@ def send(ns: str, dst: str, proto: str, dport: int | None, timeout: float = 1.0,
     reply = exchange(ns, packet, timeout)
     rtt = (time.monotonic() - t0) * 1000
     verdict, reached, payload = classify(reply)
-    return Crafted(reached, verdict, src, sport if proto != "icmp" else None, ip_id,
+    return Crafted(reached, verdict, src, sport, ip_id,
                    round(rtt, 2) if reply is not None else None,
                    reply.src if reply is not None else "", payload)
 

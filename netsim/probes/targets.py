@@ -151,9 +151,22 @@ def _by_address(ip: str, port, proto, plan: LabPlan, ports: tuple[ServicePort, .
         pr = proto or (p[1].lower() if p else "icmp")
         return Target("external", ip, p[0] if p and pr != "icmp" else None, pr,
                       f"external {ext.name} {ip}", backends=(ext.name,))
+    if not _inside_lab(ip, plan, ports):
+        raise ProbeError(f"{ip} is outside lab {plan.lab}: probes only go to the lab's own pod, Service, "
+                         f"underlay and load-balancer addresses")
     if num is None and proto not in (None, "icmp"):
         raise ProbeError(f"{text!r}: give a port for {proto} to an address outside the lab's plan")
     return Target("ip", ip, num, proto or ("tcp" if num else "icmp"), ip if num is None else f"{ip}:{num}")
+
+
+def _inside_lab(ip: str, plan: LabPlan, ports) -> bool:
+    """Is ``ip`` one of the lab's own ranges? (Probes never aim anywhere else.)"""
+    from ipaddress import IPv4Network
+    addr = IPv4Address(ip)
+    ranges = [plan.pod_cidr, plan.service_cidr, plan.underlay_cidr]
+    if any(addr in IPv4Network(r) for r in ranges):
+        return True
+    return any(ip in p.load_balancer_ips or ip in p.external_ips for p in ports)
 
 
 # -- builders ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ with one interface per hop (``pcapng``). Everything set up is taken down in ``fi
 from __future__ import annotations
 
 import random
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,15 +68,26 @@ def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: f
                      "this lab uses iptables-legacy, so only captures and conntrack are shown")
     lines: dict[str, list[str]] = {}
     try:
-        for m in monitors:
-            m.start(ip_id)
+        for m in list(monitors):
+            try:
+                m.start(ip_id)
+            except subprocess.CalledProcessError as exc:      # e.g. a kernel without nf_tables
+                m.stop()
+                monitors.remove(m)
+                notes.append(f"no rule tracing in {m.node}: {exc.stderr.strip().splitlines()[-1] if exc.stderr else exc}")
         with Capture(hops) as cap:
             crafted = scapyprobe.send(src.netns, target.ip, target.proto, target.port, timeout=timeout, ip_id=ip_id)
             frames = cap.until_quiet()
+            if cap.missing:
+                notes.append(f"not captured (gone): {', '.join(cap.missing)}")
     finally:
         for m in monitors:
             lines[m.node] = m.stop()
-    steps = walk.assemble(frames, hops, ip_id, target.proto)
+    port = crafted.sport or 0
+    sent = (target.proto, crafted.src, port, target.ip, target.port or port)
+    if target.proto == "icmp":
+        sent = ("icmp", crafted.src, port, target.ip, port)
+    steps = walk.assemble(frames, hops, ip_id, target.proto, sent, src.name if src.kind == "node" else None)
     forward = {s.tuple for s in steps if s.leg == "forward"}
     rules = [p for m in monitors for p in nftrace.parse(m.node, lines.get(m.node, []))]
     entries = [e for n in plan.nodes for e in conntrack.entries(n.name, n.netns, forward, ip_id if traced else None)]
@@ -102,11 +114,13 @@ def _owner_of(plan: LabPlan, ip: str) -> str:
 
 
 def write_pcap(path: str, hops, frames, steps: list[walk.Step]) -> None:
-    used = sorted({frames[s.frame].hop for s in steps})
+    used = sorted({frames[s.frame].hop for s in steps if s.frame >= 0})
     index = {h: i for i, h in enumerate(used)}
     interfaces = [(hops[h].label, hops[h].role) for h in used]
     packets = []
     for s in steps:
+        if s.frame < 0:
+            continue                      # the node's own stack: no frame was captured there
         f = frames[s.frame]
         comment = f"step {s.n} {s.leg} {s.direction} {s.hop}: {s.proto} {s.addr()} {s.info}".strip()
         if s.nat:
@@ -128,7 +142,7 @@ def text(r: TraceResult, every_packet: bool = False) -> str:
         steps = [s for s in steps if first.get(s.leg) == s.info]
     hidden = len(r.steps) - len(steps)
     out = [f"trace {r.source.name} ({r.crafted.src}) → {r.target.label}",
-           f"probe: {r.target.proto.upper()} {'SYN' if r.target.proto == 'tcp' else ''} IP ID {r.ip_id}; "
+           f"probe: {r.target.proto.upper()}{' SYN' if r.target.proto == 'tcp' else ''}, IP ID {r.ip_id}; "
            f"{'reached' if r.crafted.reached else 'NOT reached'} ({r.crafted.verdict})", ""]
     if not r.steps:
         out.append("no packet of the probe was seen on any interface")

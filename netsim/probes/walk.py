@@ -102,8 +102,12 @@ def reverse(t: Tuple5) -> Tuple5:
     return (t[0], t[3], t[4], t[1], t[2])
 
 
-def assemble(frames: list[Frame], hops: list[Hop], ip_id: int, proto: str) -> list[Step]:
-    """The steps of the probe's flow, in time order, with NAT marked."""
+def assemble(frames: list[Frame], hops: list[Hop], ip_id: int, proto: str,
+             sent: Tuple5 | None = None, sender: str | None = None) -> list[Step]:
+    """The steps of the probe's flow, in time order, with NAT marked.
+
+    ``sent`` is the 5-tuple the probe left its socket with; ``sender`` names a source no
+    capture sees leave (a node's own stack): the walk then starts with that step."""
     decoded = []
     for i, f in enumerate(frames):
         fields, outer = decode(f.data)
@@ -113,6 +117,8 @@ def assemble(frames: list[Frame], hops: list[Hop], ip_id: int, proto: str) -> li
     for _, _, p, _ in decoded:
         if p["id"] == ip_id and p["proto"] == proto and not p["quoted"]:
             forward.add((p["proto"], p["src"], p["sport"], p["dst"], p["dport"]))
+    if sent is not None:
+        forward.add(sent)
     # Ends seen on the forward path; a packet with a forward source end and a forward
     # destination end is the probe even if it shows a mix never captured whole (a reply
     # to the bridge's own address is un-SNATed in PREROUTING, un-DNATed in POSTROUTING).
@@ -134,6 +140,10 @@ def assemble(frames: list[Frame], hops: list[Hop], ip_id: int, proto: str) -> li
         steps.append(Step(len(steps) + 1, f.ts_ns, hop.label, hop.role, "out" if f.outgoing else "in", leg,
                           *t, info=p["info"], outer=outer, frame=i))
     steps = causal_order(steps, hops, frames)
+    if sent is not None and sender is not None:
+        info = {"tcp": "S", "udp": steps[0].info if steps else "", "icmp": "echo request"}.get(proto, "")
+        first_ts = steps[0].ts_ns - 1 if steps else 0
+        steps.insert(0, Step(0, first_ts, f"{sender} (local stack)", "local", "out", "forward", *sent, info=info))
     for n, s in enumerate(steps, 1):
         s.n = n
     mark_nat(steps)

@@ -94,4 +94,6 @@ def test_bad_targets_say_what_is_known(demo):
     with pytest.raises(ProbeError, match="unknown protocol"):
         resolve_target("web", plan, res, proto="sctp")
     with pytest.raises(ProbeError, match="give a port"):
-        resolve_target("203.0.113.9", plan, res, proto="tcp")
+        resolve_target("10.244.200.9", plan, res, proto="tcp")
+    with pytest.raises(ProbeError, match="203.0.113.9 is outside lab demo: probes only go to the lab's own"):
+        resolve_target("203.0.113.9:80", plan, res)               # never aimed beyond the lab

@@ -63,6 +63,16 @@ def test_walk_follows_the_flow_through_nat_and_vxlan():
         ("reply", ["reverse DNAT (conntrack)"], ["node-1 flannel.1", "node-1 cni0"])]
 
 
+def test_a_node_source_starts_at_its_own_stack_and_its_nat_shows():
+    """A node's own packet is NATed before any capture sees it (OUTPUT, POSTROUTING)."""
+    sent = ("tcp", "192.168.100.2", 40000, VIP, 80)
+    out = tcp("10.244.1.0", 5555, BACKEND, 8080, "S", 31)
+    fs = [Frame(3, 10, True, bytes(out))]
+    steps = walk.assemble(fs, HOPS, 31, "tcp", sent, "node-1")
+    assert [(s.hop, s.frame) for s in steps] == [("node-1 (local stack)", -1), ("node-1 flannel.1", 0)]
+    assert steps[1].nat == [f"destination {VIP}:80 → {BACKEND}:8080", "source 192.168.100.2:40000 → 10.244.1.0:5555"]
+
+
 def test_icmp_errors_join_the_reply_by_the_packet_they_quote():
     probe = IP(src=CLIENT, dst=VIP, id=4242) / UDP(sport=5555, dport=53)
     err = Ether() / IP(src="10.244.1.1", dst=CLIENT) / ICMP(type=3, code=3) / bytes(probe)[:28]
