@@ -1,6 +1,7 @@
 """Netfilter rule tracing in a node, for one probe: which rules its packets matched.
 
-For the trace only, a table ``ip netsim_trace`` is added in each node's namespace. Its
+For the trace only, a table ``ip netsim_trace_<IP ID>`` is added in each node's namespace
+(its own name, so traces running side by side never touch each other's). Its
 chains run right after conntrack (priority -180, before mangle and nat): a packet with
 the probe's IP ID gets ``ct mark`` 0x6e73<IP ID> on its connection, and every packet of a
 connection so marked — the reply too — gets ``meta nftrace set 1``. ``nft monitor
@@ -32,6 +33,10 @@ def ct_mark(ip_id: int) -> int:
     return CT_MARK | (ip_id & 0xFFFF)
 
 
+def table(ip_id: int) -> str:
+    return f"{TABLE}_{ip_id}"
+
+
 def ruleset(ip_id: int) -> str:
     mark = f"0x{ct_mark(ip_id):08x}"
     chains = []
@@ -42,7 +47,7 @@ def ruleset(ip_id: int) -> str:
             rules.append(f"ip daddr 127.0.0.1 udp dport {MARKER_PORT} meta nftrace set 1")
         body = "\n".join(f"    {r}" for r in rules)
         chains.append(f"  chain {chain} {{\n    type filter hook {hook} priority -180; policy accept;\n{body}\n  }}")
-    return f"table ip {TABLE} {{\n" + "\n".join(chains) + "\n}\n"
+    return f"table ip {table(ip_id)} {{\n" + "\n".join(chains) + "\n}\n"
 
 
 @dataclass
@@ -52,12 +57,12 @@ class Monitor:
     proc: subprocess.Popen | None = None
     lines: list[str] = field(default_factory=list)
     reader: threading.Thread | None = None
-    table_added: bool = False
+    table_added: str = ""
 
     def start(self, ip_id: int, timeout: float = 5.0) -> None:
         subprocess.run(["ip", "netns", "exec", self.ns, "nft", "-f", "-"], input=ruleset(ip_id),
                        text=True, check=True, capture_output=True)
-        self.table_added = True
+        self.table_added = table(ip_id)
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "nft", "monitor", "trace"],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -89,9 +94,9 @@ class Monitor:
                 self.reader.join(timeout=3)
             self.proc = None
         if self.table_added:
-            subprocess.run(["ip", "netns", "exec", self.ns, "nft", "delete", "table", "ip", TABLE],
+            subprocess.run(["ip", "netns", "exec", self.ns, "nft", "delete", "table", "ip", self.table_added],
                            capture_output=True)
-            self.table_added = False
+            self.table_added = ""
         return self.lines
 
 
@@ -129,7 +134,7 @@ def parse(node: str, lines: list[str]) -> list[TracedPacket]:
                 packets[tid] = TracedPacket(node, tid, rest[len("packet:"):].strip())
             continue
         pkt = packets.setdefault(tid, TracedPacket(node, tid, ""))
-        if m.group("table") == TABLE:
+        if m.group("table").startswith(TABLE):
             continue
         rule, verdict = rest, ""
         v = re.search(r"\(verdict ([^)]*)\)\s*$", rest)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from ..plan.state import LabPlan
 from . import probe as probing
-from .targets import NetsimError, Source, Target, resolve_source, resolve_target
+from ..errors import NetsimError
+from .targets import Source, Target, resolve_source, resolve_target
 
 
 @dataclass

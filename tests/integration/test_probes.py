@@ -140,7 +140,7 @@ def test_trace_cross_node_clusterip_shows_dnat_vxlan_rules_conntrack_and_decodes
 
 def test_trace_nodeport_shows_masquerade(demo):
     n1 = node(demo, "node-1")
-    t = j("trace", "--lab", demo["lab"], "ext-client", f"node-1:30080", "-w", "/dev/null")
+    t = j("trace", "--lab", demo["lab"], "ext-client", "node-1:30080", "-w", "/dev/null")
     (fwd,) = [e for e in t["nat"] if e["leg"] == "forward" and e["packet"] == "S"]
     assert fwd["kinds"] == ["DNAT", "SNAT"] and fwd["between"][0] == "node-1 eth0"
     rules = [r for p in t["rules"] if p["node"] == "node-1" for r in p["rules"]]

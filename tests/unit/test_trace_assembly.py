@@ -89,14 +89,14 @@ def test_close_timestamps_in_one_namespace_follow_the_receive_path():
 
 
 TRACE = """\
-trace id 1a2b ip netsim_trace pre packet: iif "veth1" ip saddr 10.244.1.2 ip daddr 10.96.0.20 ip id 777 tcp sport 45000 tcp dport 80 tcp flags == syn
-trace id 1a2b ip netsim_trace pre rule ip id 777 ct mark set 0x6e730309 (verdict continue)
+trace id 1a2b ip netsim_trace_777 pre packet: iif "veth1" ip saddr 10.244.1.2 ip daddr 10.96.0.20 ip id 777 tcp sport 45000 tcp dport 80 tcp flags == syn
+trace id 1a2b ip netsim_trace_777 pre rule ip id 777 ct mark set 0x6e730309 (verdict continue)
 trace id 1a2b ip nat PREROUTING packet: iif "veth1" ip saddr 10.244.1.2 ip daddr 10.96.0.20 tcp sport 45000 tcp dport 80
 trace id 1a2b ip nat PREROUTING rule  counter packets 3 bytes 180 jump KUBE-SERVICES (verdict jump KUBE-SERVICES)
 trace id 1a2b ip nat KUBE-SERVICES rule meta l4proto tcp ip daddr 10.96.0.20  tcp dport 80 counter packets 0 bytes 0 jump KUBE-SVC-ABC (verdict jump KUBE-SVC-ABC)
 trace id 1a2b ip nat KUBE-SEP-XYZ rule meta l4proto tcp  counter packets 0 bytes 0 dnat to 10.244.2.3:8080 (verdict accept)
 trace id 1a2b ip filter FORWARD policy accept
-trace id 99ff ip netsim_trace out packet: oif "lo" ip saddr 127.0.0.1 ip daddr 127.0.0.1 udp sport 4000 udp dport 9
+trace id 99ff ip netsim_trace_777 out packet: oif "lo" ip saddr 127.0.0.1 ip daddr 127.0.0.1 udp sport 4000 udp dport 9
 """
 
 
@@ -109,6 +109,7 @@ def test_nft_trace_lines_group_by_packet_without_the_marker():
         ("KUBE-SEP-XYZ", "meta l4proto tcp dnat to 10.244.2.3:8080", "accept"),
         ("FORWARD", "", "accept")]
     assert "ip id 4242 ct mark set 0x6e731092" in nftrace.ruleset(4242)
+    assert nftrace.ruleset(4242).startswith("table ip netsim_trace_4242 {")
 
 
 def test_conntrack_lines_say_their_nat():
