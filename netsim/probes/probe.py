@@ -42,7 +42,16 @@ class ProbeResult:
         return self.seen.rsplit(":", 1)[0] if self.seen else None
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), seen_ip=self.seen_ip)
+        """JSON keys in camelCase, as ``netsim status -o json``."""
+        return camel(dict(asdict(self), seen_ip=self.seen_ip))
+
+
+def camel(data: dict) -> dict:
+    """``source_ip`` → ``sourceIP``, ``rtt_ms`` → ``rttMs`` (IP stays upper case)."""
+    def key(k: str) -> str:
+        head, *rest = k.split("_")
+        return head + "".join("IP" if w == "ip" else w.capitalize() for w in rest)
+    return {key(k): v for k, v in data.items()}
 
 
 def run(plan: LabPlan, src: Source, target: Target, timeout: float = 1.0) -> ProbeResult:

@@ -45,7 +45,8 @@ class Step:
         return f"{self.src}:{self.sport} → {self.dst}:{self.dport}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        from .probe import camel
+        return camel(asdict(self))
 
 
 def _scapy():

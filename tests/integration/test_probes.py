@@ -77,9 +77,9 @@ def test_pod_to_clusterip_is_dnat_without_snat(demo):
     client = pods(demo, "client")[0]
     assert r["reached"] and r["verdict"] == "SYN-ACK"
     assert r["backend"] in {p["namespace"] + "/" + p["name"] for p in pods(demo, "web")}
-    assert (r["seen_ip"], r["dnat"], r["snat"]) == (client["ip"], True, False)
+    assert (r["seenIP"], r["dnat"], r["snat"]) == (client["ip"], True, False)
     udp = j("probe", "--lab", demo["lab"], "client", "echo", "--proto", "udp")
-    assert udp["reached"] and udp["backend"].startswith("default/echo-") and udp["seen_ip"] == client["ip"]
+    assert udp["reached"] and udp["backend"].startswith("default/echo-") and udp["seenIP"] == client["ip"]
     icmp = netsim("probe", "--lab", demo["lab"], "client", "web", "--proto", "icmp", "--timeout", "0.3", check=False)
     assert icmp.returncode == 1 and "NOT reached (no answer)" in icmp.stdout    # a ClusterIP is no host
 
@@ -88,7 +88,7 @@ def test_external_to_nodeport_snat_for_cluster_client_ip_for_local(demo):
     ext = demo["plan"]["externals"][0]["address"]
     n1 = node(demo, "node-1")
     cluster = j("probe", "--lab", demo["lab"], "ext-client", f"{n1['address']}:30080")
-    assert cluster["reached"] and cluster["snat"] and cluster["seen_ip"] in node_addresses(n1)
+    assert cluster["reached"] and cluster["snat"] and cluster["seenIP"] in node_addresses(n1)
     svc = json.loads(Path(f"/run/netsim/{demo['lab']}/services.json").read_text())
     local_np = next(p["node_port"] for p in svc["ports"] if p["name"] == "web-lb")
     for n in demo["plan"]["nodes"]:
@@ -97,7 +97,7 @@ def test_external_to_nodeport_snat_for_cluster_client_ip_for_local(demo):
                       "--timeout", "0.5", check=False)
         r = json.loads(done.stdout)
         if local:
-            assert done.returncode == 0 and r["backend"] in local and r["seen_ip"] == ext and not r["snat"]
+            assert done.returncode == 0 and r["backend"] in local and r["seenIP"] == ext and not r["snat"]
         else:
             assert done.returncode == 1 and not r["reached"]
 
@@ -175,7 +175,7 @@ def test_hairpin_is_masqueraded_to_the_bridge(tmp_path):
     netsim("up", str(topo))
     try:
         r = j("probe", "--lab", name, "solo", "svc/solo")
-        assert (r["reached"], r["backend"], r["seen_ip"], r["snat"]) == (True, "default/solo", "10.244.1.1", True)
+        assert (r["reached"], r["backend"], r["seenIP"], r["snat"]) == (True, "default/solo", "10.244.1.1", True)
         assert netsim("verify", str(topo)).returncode == 0
     finally:
         netsim("down", name, check=False)
