@@ -2,10 +2,11 @@
 """Regenerate docs/walkthroughs.md: bring up each teaching scenario of topologies/, trace
 and verify it, and put the real output into the page. Needs root; takes about a minute.
 
-    .venv/bin/python scripts/walkthroughs.py        # labs are named wt-<scenario>, removed after
+    .venv/bin/python scripts/walkthroughs.py        # labs are named wt-<scenario> ($NETSIM_LAB_PREFIX), removed after
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PREFIX = "wt-"
+PREFIX = os.environ.get("NETSIM_LAB_PREFIX", "wt-")
 KEY = re.compile(r"KUBE-(SVC|SEP|EXT|SVL|NODEPORTS|MARK-MASQ|POSTROUTING)|masquerade|dnat|drop|reject|FLANNEL-POSTRTG")
 
 # scenario: [(block name, netsim arguments after "--lab LAB")], verify block name
