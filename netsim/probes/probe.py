@@ -36,6 +36,7 @@ class ProbeResult:
     snat: bool | None = None       # the backend saw another source than ours
     rtt_ms: float | None = None
     note: str = ""
+    local: str | None = None       # "ip:port" of the real connection's socket
 
     @property
     def seen_ip(self) -> str | None:
@@ -76,7 +77,8 @@ def run(plan: LabPlan, src: Source, target: Target, timeout: float = 1.0) -> Pro
     result.backend, result.backend_ip = _key_of(plan, answer.hostname, target)
     result.seen = answer.seen
     result.dnat = result.backend_ip is not None and result.backend_ip != target.ip
-    result.snat = result.seen_ip != answer.local.rsplit(":", 1)[0]
+    result.local = answer.local
+    result.snat = result.seen != answer.local       # the address, or only the port (masquerade to itself)
     if target.proto == "udp" and crafted.payload and crafted.payload != answer.hostname:
         result.note = f"scapy's datagram was answered by {crafted.payload}"
     return result
@@ -119,7 +121,7 @@ def text(r: ProbeResult) -> str:
         lines.append(f"backend  {r.backend} {r.backend_ip or ''}  ({nat})")
     if r.seen:
         lines.append(f"source   the backend saw {r.seen}  "
-                     f"({'SNAT: not ' + r.source_ip if r.snat else 'no SNAT, the client address'})")
+                     f"({'SNAT: not ' + (r.local or r.source_ip) if r.snat else 'no SNAT, the client address'})")
     if r.note:
         lines.append(f"note     {r.note}")
     return "\n".join(lines)
