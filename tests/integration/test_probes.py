@@ -246,3 +246,13 @@ def test_removed_backends_are_never_answered_by(demo):
     assert {r.backend for r in results} <= left
     out = j("verify", demo["lab"], "--matrix-only")
     assert out["failed"] == 0
+
+
+def test_graph_draws_the_running_lab(demo, tmp_path):
+    text = netsim("graph", demo["lab"]).stdout
+    assert all(f"node {n['name']}  eth0 {n['address']}" in text for n in demo["plan"]["nodes"])
+    svg = tmp_path / "lab.svg"
+    netsim("graph", demo["lab"], "-o", "svg", "-w", str(svg))
+    import xml.etree.ElementTree as ET
+    texts = " ".join(t.text or "" for t in ET.parse(svg).getroot().iter() if t.tag.endswith("text"))
+    assert "flannel.1" in texts and "default/web-lb" in texts and "underlay switch br-underlay" in texts
