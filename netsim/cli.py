@@ -455,7 +455,8 @@ def cmd_validate(args) -> int:
     from .topology import load
     topo = load(args.topology)
     print(f"{args.topology}: ok — lab {topo.name}, {len(topo.nodes)} nodes, {len(topo.externals)} externals, "
-          f"{len(topo.pods)} pods, {len(topo.services)} services")
+          f"{len(topo.pods)} pods, {len(topo.services)} services"
+          + (f", {len(topo.verify)} verify tests" if topo.verify else ""))
     return 0
 
 
