@@ -60,7 +60,10 @@ def parse_line(node: str, line: str) -> Entry | None:
 
 
 def entries(node: str, ns: str, forward: set[Tuple5], ip_id: int | None = None) -> list[Entry]:
-    done = subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-L"], capture_output=True, text=True)
+    try:
+        done = subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-L"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return []                                  # no iproute2 or conntrack-tools: nothing to show
     out = []
     for line in done.stdout.splitlines():
         e = parse_line(node, line)
@@ -74,7 +77,10 @@ def entries(node: str, ns: str, forward: set[Tuple5], ip_id: int | None = None) 
 
 def ipvs_connections(ns: str, addresses: set[str]) -> list[str]:
     """``ipvsadm -Lnc`` lines that mention one of ``addresses`` (IPVS mode)."""
-    done = subprocess.run(["ip", "netns", "exec", ns, "ipvsadm", "-Lnc"], capture_output=True, text=True)
+    try:
+        done = subprocess.run(["ip", "netns", "exec", ns, "ipvsadm", "-Lnc"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return []
     if done.returncode != 0:
         return []
     return [l.strip() for l in done.stdout.splitlines() if any(a in l for a in addresses)]
