@@ -152,6 +152,44 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
     s.set_defaults(func=cmd_selftest)
 
+    s = sub.add_parser("probe", help="send one probe FROM a pod/node/external TO a target; exit 0 if reached")
+    s.add_argument("source", metavar="FROM", help="pod, ns/pod, node or external")
+    s.add_argument("target", metavar="TARGET", help="pod[:port], Service, ClusterIP:port, NodeIP:nodePort, LB-IP:port, node, external")
+    s.add_argument("--proto", choices=("tcp", "udp", "icmp"))
+    s.add_argument("--port", help="port number or name (a Service's port)")
+    s.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for an answer (default 1)")
+    s.add_argument("--lab", "-l")
+    s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.set_defaults(func=cmd_probe)
+
+    s = sub.add_parser("trace", help="follow one probe hop by hop: captures, NAT, rules matched, conntrack, pcapng")
+    s.add_argument("source", metavar="FROM")
+    s.add_argument("target", metavar="TARGET")
+    s.add_argument("--proto", choices=("tcp", "udp", "icmp"))
+    s.add_argument("--port")
+    s.add_argument("--timeout", type=float, default=1.0)
+    s.add_argument("-w", "--write", metavar="PCAPNG", help="where to write the pcapng (default: the lab's traces/ directory)")
+    s.add_argument("--every-packet", action="store_true", help="text: also list the packets after the first answer")
+    s.add_argument("--lab", "-l")
+    s.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    s.set_defaults(func=cmd_trace)
+
+    s = sub.add_parser("graph", help="draw the running topology: nodes, bridges, pods, tunnels, Services")
+    s.add_argument("lab", nargs="?")
+    s.add_argument("-o", "--output", choices=("text", "svg", "png", "dot"), default="text")
+    s.add_argument("-w", "--write", metavar="FILE", help="write the picture here (default: stdout for text/dot, "
+                   "graph.<fmt> in the current directory for svg/png)")
+    s.set_defaults(func=cmd_graph)
+
+    s = sub.add_parser("verify", help="check a running lab against its verify: section and the default Service matrix")
+    s.add_argument("lab", nargs="?", metavar="TOPO|LAB", help="a topology file (its verify: section) or a lab name")
+    s.add_argument("--lab", "-l", dest="lab_name", help="the running lab, when TOPO's name differs")
+    s.add_argument("--no-matrix", action="store_true", help="only the topology's verify: tests")
+    s.add_argument("--matrix-only", action="store_true", help="only the default matrix")
+    s.add_argument("--timeout", type=float, default=0.5, help="seconds per probe (default 0.5)")
+    s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.set_defaults(func=cmd_verify)
+
     s = sub.add_parser("clean", help="remove everything netsim created (all labs, or one)")
     s.add_argument("lab", nargs="?")
     s.set_defaults(func=cmd_clean)
@@ -413,6 +451,94 @@ def cmd_selftest(args) -> int:
     return 1 if failed else 0
 
 
+def _probe_context(args):
+    from .apply import labstate
+    from .apply.services import load_resolution
+    from .probes.targets import resolve_source, resolve_target
+    _need_root()
+    lab = labstate.resolve_lab(args.lab)
+    plan = labstate.load_plan(lab)
+    res = load_resolution(lab)
+    return lab, plan, res, resolve_source(args.source, plan), resolve_target(args.target, plan, res, args.proto, args.port)
+
+
+def cmd_probe(args) -> int:
+    from .probes import probe
+    from .report import as_json
+    lab, plan, res, src, target = _probe_context(args)
+    result = probe.run(plan, src, target, timeout=args.timeout)
+    print(as_json(result.to_dict()) if args.output == "json" else probe.text(result))
+    return 0 if result.reached else 1
+
+
+def cmd_trace(args) -> int:
+    import time as _time
+    from .apply import labstate
+    from .probes import trace
+    from .report import as_json
+    lab, plan, res, src, target = _probe_context(args)
+    pcap = args.write or str(labstate.lab_dir(lab) / "traces" / f"trace-{_time.strftime('%Y%m%d-%H%M%S')}.pcapng")
+    result = trace.run(plan, src, target, pcap, timeout=args.timeout)
+    print(as_json(result.to_dict()) if args.output == "json" else trace.text(result, args.every_packet))
+    return 0 if result.crafted.reached else 1
+
+
+def cmd_graph(args) -> int:
+    from .apply import labstate
+    from .apply.services import load_resolution
+    from .probes import graph
+    lab = labstate.resolve_lab(args.lab)
+    plan, res = labstate.load_plan(lab), load_resolution(lab)
+    if args.output == "text":
+        body = graph.text(plan, res).encode() + b"\n"
+    elif args.output == "dot":
+        body = graph.dot(plan, res).encode()
+    else:
+        body = graph.render(graph.dot(plan, res), args.output)
+    path = args.write or (f"graph.{args.output}" if args.output in ("svg", "png") else None)
+    if path:
+        with open(path, "wb") as f:
+            f.write(body)
+        print(f"wrote {path}")
+    else:
+        sys.stdout.write(body.decode())
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .apply import changes, labstate
+    from .apply.services import load_resolution
+    from .probes import verify
+    from .report import as_json, table
+    from .topology import load
+    from .topology.load import load_data
+    _need_root()
+    if args.lab and os.path.isfile(args.lab):
+        topo = load(args.lab)
+        lab = labstate.resolve_lab(args.lab_name or topo.name)
+    else:
+        lab = labstate.resolve_lab(args.lab or args.lab_name)
+        topo = load_data(changes.load_objects(lab), source=f"lab {lab}")
+    plan, res = labstate.load_plan(lab), load_resolution(lab)
+    cases = [] if args.matrix_only else verify.from_tests(topo.verify)
+    if not args.no_matrix:
+        cases += verify.default_matrix(plan, res)
+    outcomes, seconds = verify.run(plan, res, cases, timeout=args.timeout)
+    failed = [o for o in outcomes if not o.ok]
+    rate = len(outcomes) / seconds if seconds else 0.0
+    if args.output == "json":
+        print(as_json({"lab": lab, "seconds": round(seconds, 3), "probesPerSecond": round(rate, 1),
+                       "passed": len(outcomes) - len(failed), "failed": len(failed),
+                       "results": [o.to_dict() for o in outcomes]}))
+    else:
+        rows = [[o.case.name, o.case.source, o.case.target + (f"/{o.case.proto}" if o.case.proto else ""),
+                 o.case.expect.text(), o.got, "ok" if o.ok else "FAIL: " + "; ".join(o.why)] for o in outcomes]
+        print(table(rows, ["TEST", "FROM", "TO", "EXPECT", "GOT", "RESULT"]))
+        print(f"\n{len(outcomes) - len(failed)} passed, {len(failed)} failed")
+        print(f"{len(outcomes)} probes in {seconds:.2f}s ({rate:.0f} probes/s)")
+    return 1 if failed else 0
+
+
 def cmd_clean(args) -> int:
     from .apply import lab as applier
     from .kernel import guestlab
@@ -431,7 +557,8 @@ def cmd_validate(args) -> int:
     topo = load(args.topology)
     _warn(resolve(topo, plan_lab(topo)).warnings)
     print(f"{args.topology}: ok — lab {topo.name}, {len(topo.nodes)} nodes, {len(topo.externals)} externals, "
-          f"{len(topo.pods)} pods, {len(topo.services)} services")
+          f"{len(topo.pods)} pods, {len(topo.services)} services"
+          + (f", {len(topo.verify)} verify tests" if topo.verify else ""))
     return 0
 
 

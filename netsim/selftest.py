@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .plan.state import LabPlan, PodPlan
-from .runtime.podcheck import answers, http_get, ping, udp_ask
+from .probes.connect import ask, http_get, ping, udp_ask
+from .runtime.podcheck import answers
 
 
 @dataclass
@@ -119,14 +120,10 @@ def service_checks(plan: LabPlan, res) -> list[Check]:
 
 def _via_service(ns: str, ip: str, port: int, proto: str, backends: set[str], source: str | None,
                  not_source: str | None = None) -> tuple[str, bool]:
-    if proto == "TCP":
-        name = http_get(ns, ip, port, "/hostname")
-        seen = http_get(ns, ip, port, "/clientip").rsplit(":", 1)[0]
-    else:
-        name = udp_ask(ns, ip, port, b"hostname")
-        seen = udp_ask(ns, ip, port, b"clientip").rsplit(":", 1)[0]
-    ok = name in backends and (source is None or seen == source) and seen != not_source
-    return f"{name}, source {seen}", ok
+    answer = ask(ns, ip, port, proto.lower(), timeout=2.0)      # name and source from one flow
+    seen = answer.seen.rsplit(":", 1)[0]
+    ok = answer.hostname in backends and (source is None or seen == source) and seen != not_source
+    return f"{answer.hostname}, source {seen}", ok
 
 
 def _refused(ns: str, ip: str, port: int) -> tuple[str, bool]:

@@ -14,6 +14,13 @@ fi
 netsim up "$TOPO"
 echo
 netsim selftest "$LAB"
+echo
+netsim verify "$TOPO" --lab "$LAB"                    # the topology's verify: tests and the Service matrix
+echo
+netsim graph "$LAB"
+if [ "$TOPO" = "topologies/demo.yaml" ]; then
+  echo; netsim trace --lab "$LAB" client web        # one packet's path: DNAT, VXLAN, the rules that matched
+fi
 if [ "${KEEP:-0}" = "1" ]; then
   echo; echo "lab $LAB left up: try 'netsim shell', 'netsim exec <pod> -- curl ...', then 'netsim down $LAB'"
 fi

@@ -18,10 +18,11 @@ from ..errors import Problem, TopologyError
 from ..plan import scheduler   # a module reference: plan.scheduler imports topology.model
 from .check import Checker, _kind, join
 from .manifests import ManifestSet, expand_deployment, read_object
+from . import verifyspec
 from .model import (IPTABLES_BACKENDS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluster, ExternalSpec,
                     NodeSpec, Topology)
 
-TOP_FIELDS = {"name", "cluster", "nodes", "externals", "manifests"}
+TOP_FIELDS = {"name", "cluster", "nodes", "externals", "manifests", "verify"}
 CLUSTER_FIELDS = {"podCIDR", "serviceCIDR", "nodeSubnetLength", "underlayCIDR", "underlayMTU",
                   "proxyMode", "overlay", "registry", "registryEndpoint", "loadBalancerPool",
                   "bridge", "iptablesBackend", "directRouting", "leaseTTL", "renewMargin", "minSyncPeriod"}
@@ -106,11 +107,14 @@ def _build(data: Any, base: Path, source: str, ck: Checker) -> Topology | None:
     for dep in manifests.deployments:
         pods.extend(expand_deployment(dep))
     _cross_check(cluster, nodes, externals, manifests, pods, ck)
+    verify = verifyspec.read(top.get("verify"), ck, {h.name for h in nodes + externals},
+                             {p.name for p in pods} | {f"{p.namespace}/{p.name}" for p in pods},
+                             {s.name for s in manifests.services} | {f"{s.namespace}/{s.name}" for s in manifests.services})
     if name is None or ck.problems:
         return None
     return Topology(name, cluster, tuple(nodes), tuple(externals), tuple(pods),
                     tuple(manifests.deployments), tuple(manifests.services),
-                    tuple(manifests.slices), source)
+                    tuple(manifests.slices), source, verify)
 
 
 def _cluster(raw: dict, ck: Checker) -> Cluster:

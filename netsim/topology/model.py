@@ -155,6 +155,7 @@ class Topology:
     services: tuple[Service, ...] = ()
     endpoint_slices: tuple[EndpointSlice, ...] = ()
     source: str = ""
+    verify: tuple = ()                          # verifyspec.VerifyTest: the topology's expectations
 
     def node(self, name: str) -> NodeSpec:
         return next(n for n in self.nodes if n.name == name)
