@@ -38,6 +38,8 @@ class Change:
     objects: list[str]          # "Kind ns/name" changed
     programming_s: float = 0.0  # Services written → rules in every node's kernel
     services_changed: int = 0
+    dns_s: float = 0.0          # zone written → every DNS replica answers the changed names
+    dns_names: int = 0          # DNS names whose answer changed
 
 
 # -- the desired-objects document ---------------------------------------------------
@@ -153,6 +155,11 @@ def change(lab: str, doc: dict, touched: list[str], timeout: float = 30.0) -> Ch
         from .services import publish, wait_programmed
         res, keys, since = publish(lab, topo, new)
         result.services_changed = len(keys)
+        if topo.cluster.dns:
+            from . import dns
+            dns.write_resolv(st, new, added)
+            dns.prune(st, new)
+            result.dns_s, result.dns_names = dns.sync(st, topo, new, res, timeout)
         if keys:
             result.programming_s = wait_programmed(lab, new, res, keys, since, timeout)
     return result
@@ -179,6 +186,8 @@ def remove_pod(lab: str, st: LabState, pod: PodPlan) -> None:
     netns.remove(pod.netns)
     st.netns = [n for n in st.netns if n != pod.netns]
     st.save()
+    from .dns import forget_pod
+    forget_pod(st, pod)
 
 
 def podserver_call(lab: str, node: str, request: dict, timeout: float = 10.0) -> dict:

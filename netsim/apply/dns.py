@@ -1,0 +1,270 @@
+"""The cluster DNS on a running lab: dnsmasq in the coredns pods, the zone it serves, and
+every pod's resolv.conf.
+
+Each replica is Debian's dnsmasq, started inside its pod's namespace (like every agent,
+through ``ip netns exec``, recorded in the lab state, logging to ``logs/dnsmasq-<pod>.log``)
+with no upstream at all: ``--no-resolv`` and ``--local=/cluster.local/`` make it answer
+cluster names from its own records and NXDOMAIN for the rest of the zone, and refuse
+anything else, so no query leaves the lab.
+
+The zone (``netsim.dns.records``) lives in ``<lab>/dns/``: A records in ``hosts/cluster``,
+a directory dnsmasq watches with inotify (a rewrite is served within milliseconds, no
+signal), CNAME and SRV records in ``records.conf``, which dnsmasq reads only at start: when
+that part changes the replicas restart one at a time, the next only after the previous
+one answers again, so the Service always has a serving endpoint.
+
+A pod's resolver is ``/etc/netns/<pod netns>/resolv.conf``: ``ip netns exec`` (and so
+``netsim exec POD``) bind-mounts it over /etc/resolv.conf. Those files are recorded in
+the lab state before they are written and removed with the pod or the lab.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..dns import objects
+from ..dns.query import Answer, query
+from ..dns.records import Srv, Zone, render_config, render_hosts, resolv_conf, zone
+from ..plan.state import LabPlan, PodPlan
+from ..proxy.services import Resolution
+from ..runtime.wait import wait_for
+from ..topology.model import Topology
+from . import labstate
+from .labstate import LabState, Process
+
+ETC_NETNS = Path(os.environ.get("NETSIM_ETC_NETNS", "/etc/netns"))
+RESOLV_MARK = "# written by netsim for pod"
+CHECK_NAMES = 8                 # changed names checked per replica when measuring an update
+
+
+def dns_dir(lab: str) -> Path:
+    return labstate.lab_dir(lab) / "dns"
+
+
+def dns_pods(plan: LabPlan) -> list[PodPlan]:
+    return [p for p in plan.pods if objects.is_dns_pod(p)]
+
+
+def server_ip(plan: LabPlan) -> str:
+    from ipaddress import IPv4Network
+    return str(objects.service_ip(IPv4Network(plan.service_cidr)))
+
+
+# -- resolv.conf ---------------------------------------------------------------------
+
+def resolv_path(pod: PodPlan) -> Path:
+    return ETC_NETNS / pod.netns / "resolv.conf"
+
+
+def write_resolv(st: LabState, plan: LabPlan, pods: list[PodPlan]) -> None:
+    """Give ``pods`` the cluster resolver (recorded in the lab state first)."""
+    paths = [str(resolv_path(p)) for p in pods]
+    st.files = list(dict.fromkeys(st.files + paths))
+    st.save()
+    server = server_ip(plan)
+    for pod in pods:
+        path = resolv_path(pod)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("resolv.conf.tmp")
+        tmp.write_text(f"{RESOLV_MARK} {pod.key} (lab {plan.lab})\n" + resolv_conf(pod.namespace, server))
+        os.replace(tmp, path)
+
+
+def remove_files(paths: list[str]) -> None:
+    """Remove files netsim wrote, and their /etc/netns/<name> directory once empty."""
+    for p in map(Path, paths):
+        p.unlink(missing_ok=True)
+        p.with_name(p.name + ".tmp").unlink(missing_ok=True)
+        if p.parent.parent == ETC_NETNS:
+            try:
+                p.parent.rmdir()
+            except OSError:
+                pass
+
+
+def sweep(netns_names: list[str]) -> None:
+    """Remove resolv.conf files netsim wrote for these namespaces even if no state file
+    lists them (``netsim clean`` after a crash)."""
+    for name in netns_names:
+        path = ETC_NETNS / name / "resolv.conf"
+        try:
+            ours = path.read_text().startswith(RESOLV_MARK)
+        except OSError:
+            continue
+        if ours:
+            remove_files([str(path)])
+
+
+def prune(st: LabState, plan: LabPlan) -> None:
+    """Drop the resolv.conf of pods the plan no longer has (their node was removed)."""
+    keep = {str(resolv_path(p)) for p in plan.pods}
+    gone = [f for f in st.files if Path(f).parent.parent == ETC_NETNS and f not in keep]
+    if gone:
+        remove_files(gone)
+        st.files = [f for f in st.files if f not in gone]
+        st.save()
+
+
+def forget_pod(st: LabState, pod: PodPlan) -> None:
+    path = str(resolv_path(pod))
+    remove_files([path])
+    if path in st.files:
+        st.files = [f for f in st.files if f != path]
+        st.save()
+
+
+# -- the zone --------------------------------------------------------------------------
+
+def write_zone(lab: str, z: Zone) -> tuple[Zone | None, bool]:
+    """Write the zone files; return the previous zone and whether records.conf changed."""
+    d = dns_dir(lab)
+    (d / "hosts").mkdir(parents=True, exist_ok=True)
+    old = load_zone(lab)
+    config = render_config(z)
+    conf = d / "records.conf"
+    changed = not conf.exists() or conf.read_text() != config
+    if changed:
+        _replace(conf, config)
+    # The temporary file sits outside the watched directory, so dnsmasq never reads half a file.
+    _replace(d / "hosts" / "cluster", render_hosts(z), tmp=d / "cluster.hosts.tmp")
+    labstate.write_json(d / "zone.json", {"hosts": [list(h) for h in z.hosts], "cnames": [list(c) for c in z.cnames],
+                                         "srvs": [asdict(s) for s in z.srvs]})
+    return old, changed
+
+
+def load_zone(lab: str) -> Zone | None:
+    try:
+        data = json.loads((dns_dir(lab) / "zone.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return Zone(tuple(tuple(h) for h in data["hosts"]), tuple(tuple(c) for c in data["cnames"]),
+                tuple(Srv(**s) for s in data["srvs"]))
+
+
+def _replace(path: Path, text: str, tmp: Path | None = None) -> None:
+    tmp = tmp or path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def expectations(z: Zone) -> dict[str, tuple[str, frozenset[str]]]:
+    """name → (query type, the answer values every replica must give)."""
+    out: dict[str, tuple[str, set[str]]] = {}
+    for ip, name in z.hosts:
+        out.setdefault(name, ("A", set()))[1].add(ip)
+    for alias, target in z.cnames:
+        out[alias] = ("CNAME", {target})
+    for s in z.srvs:
+        out.setdefault(s.name, ("SRV", set()))[1].add(f"{s.priority} {s.weight} {s.port} {s.target}")
+    return {k: (t, frozenset(v)) for k, (t, v) in out.items()}
+
+
+def changed_names(old: Zone | None, new: Zone) -> dict[str, tuple[str, frozenset[str]] | None]:
+    """Names whose answer changes: name → new expectation (None: must be NXDOMAIN)."""
+    a, b = expectations(old or Zone()), expectations(new)
+    out: dict[str, tuple[str, frozenset[str]] | None] = {}
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            out[name] = b.get(name)
+    return out
+
+
+def answers_as_expected(answer: Answer, want: tuple[str, frozenset[str]] | None) -> bool:
+    if want is None:
+        return answer.rcode == "NXDOMAIN"
+    qtype, values = want
+    return answer.rcode == "NOERROR" and frozenset(answer.values(qtype)) == values
+
+
+# -- dnsmasq -----------------------------------------------------------------------------
+
+def dnsmasq_args(lab: str) -> list[str]:
+    d = dns_dir(lab)
+    return ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
+            f"--local=/{objects.DOMAIN}/", "--bogus-priv", "--domain-needed",
+            "--interface=eth0", f"--port={objects.DNS_PORT}", "--user=nobody", "--group=nogroup",
+            f"--hostsdir={d / 'hosts'}", f"--conf-file={d / 'records.conf'}", "--local-ttl=5",
+            "--pid-file=", "--log-facility=-", "--log-queries"]
+
+
+def start_server(st: LabState, pod: PodPlan) -> Process:
+    from .lab import start_agent
+    return start_agent(st, "dnsmasq", pod.netns, pod.name, dnsmasq_args(st.lab))
+
+
+def server_of(st: LabState, pod: PodPlan) -> Process | None:
+    from .lab import process_running
+    return next((p for p in reversed(st.processes)
+                 if p.role == "dnsmasq" and p.netns == pod.netns and process_running(p)), None)
+
+
+def replica_answers(plan: LabPlan, pod: PodPlan, name: str, want, timeout: float = 0.3) -> bool:
+    try:
+        qtype = want[0] if want else "A"
+        return answers_as_expected(query(pod.ip, name, qtype, netns=plan.node(pod.node).netns, timeout=timeout), want)
+    except OSError:
+        return False
+
+
+def wait_serving(st: LabState, plan: LabPlan, pod: PodPlan, proc: Process, timeout: float) -> None:
+    """Wait until the replica answers for the kube-dns Service's own name."""
+    from .lab import ready_or_dead
+    name = f"{objects.SERVICE}.{objects.NAMESPACE}.svc.{objects.DOMAIN}"
+    want = ("A", frozenset({server_ip(plan)}))
+    log = st.dir / "logs" / f"dnsmasq-{pod.name}.log"
+    flag = st.dir / "dns" / f"{pod.name}.serving"
+    flag.unlink(missing_ok=True)
+
+    def serving() -> bool:
+        if replica_answers(plan, pod, name, want):
+            flag.touch()
+        return ready_or_dead(flag, proc, log, f"dnsmasq in {pod.key}")
+    wait_for(serving, f"dnsmasq in {pod.key} ({pod.ip}) to answer {name} (log: {log})", timeout)
+    flag.unlink(missing_ok=True)
+
+
+def bring_up(st: LabState, topo: Topology, plan: LabPlan, res: Resolution, timeout: float = 30.0) -> None:
+    """Write the zone, start dnsmasq in every coredns pod, point every pod at it."""
+    write_zone(st.lab, zone(topo, plan, res))
+    write_resolv(st, plan, list(plan.pods))
+    for pod in dns_pods(plan):
+        wait_serving(st, plan, pod, start_server(st, pod), timeout)
+
+
+def sync(st: LabState, topo: Topology, plan: LabPlan, res: Resolution, timeout: float = 30.0) -> tuple[float, int]:
+    """Bring the running DNS in line with ``topo``/``plan``: new replicas started, the zone
+    rewritten, a rolling restart if CNAME/SRV records changed. Returns the update latency
+    (zone written → every replica gives the new answers for the changed names; 0 if none)
+    and how many names changed."""
+    started = [p for p in dns_pods(plan) if server_of(st, p) is None]
+    for pod in started:
+        wait_serving(st, plan, pod, start_server(st, pod), timeout)
+    new = zone(topo, plan, res)
+    written = time.monotonic()
+    old, config_changed = write_zone(st.lab, new)
+    changed = changed_names(old, new)
+    if config_changed:
+        for pod in dns_pods(plan):
+            if pod in started:
+                continue
+            restart(st, plan, pod, timeout)
+    check = list(changed.items())[:CHECK_NAMES]
+    for pod in dns_pods(plan):
+        for name, want in check:
+            wait_for(lambda: replica_answers(plan, pod, name, want),
+                     f"dnsmasq in {pod.key} to answer {name} with {sorted(want[1]) if want else 'NXDOMAIN'}",
+                     max(timeout - (time.monotonic() - written), 0.1))
+    return (time.monotonic() - written if changed else 0.0), len(changed)
+
+
+def restart(st: LabState, plan: LabPlan, pod: PodPlan, timeout: float) -> None:
+    """Replace one replica's dnsmasq (it reads CNAME and SRV records only at start)."""
+    from .lab import stop_processes
+    proc = server_of(st, pod)
+    if proc is not None:
+        stop_processes([proc])
+    wait_serving(st, plan, pod, start_server(st, pod), timeout)
