@@ -10,8 +10,9 @@ anything else, so no query leaves the lab.
 The zone (``netsim.dns.records``) lives in ``<lab>/dns/``: A records in ``hosts/cluster``,
 a directory dnsmasq watches with inotify (a rewrite is served within milliseconds, no
 signal), CNAME and SRV records in ``records.conf``, which dnsmasq reads only at start: when
-that part changes the replicas restart one at a time, the next only after the previous
-one answers again, so the Service always has a serving endpoint.
+that part changes, each replica gets a new dnsmasq, one replica at a time, handed over
+without losing a query (``netsim.dns.server``: two ports and a REDIRECT of port 53 inside
+the pod).
 
 A pod's resolver is ``/etc/netns/<pod netns>/resolv.conf``: ``ip netns exec`` (and so
 ``netsim exec POD``) bind-mounts it over /etc/resolv.conf. Those files are recorded in
@@ -21,18 +22,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..dns import objects
+from ..dns import objects, server
 from ..dns.query import Answer, query
 from ..dns.records import Srv, Zone, render_config, render_hosts, resolv_conf, zone
 from ..plan.state import LabPlan, PodPlan
 from ..proxy.services import Resolution
 from ..runtime.wait import wait_for
 from ..topology.model import Topology
-from . import labstate
+from . import kernel, labstate
 from .labstate import LabState, Process
 
 ETC_NETNS = Path(os.environ.get("NETSIM_ETC_NETNS", "/etc/netns"))
@@ -180,20 +182,11 @@ def answers_as_expected(answer: Answer, want: tuple[str, frozenset[str]] | None)
     return answer.rcode == "NOERROR" and frozenset(answer.values(qtype)) == values
 
 
-# -- dnsmasq -----------------------------------------------------------------------------
+# -- dnsmasq ---------------------------------------------------------------------------
 
-def dnsmasq_args(lab: str) -> list[str]:
-    d = dns_dir(lab)
-    return ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
-            f"--local=/{objects.DOMAIN}/", "--bogus-priv", "--domain-needed",
-            "--interface=eth0", f"--port={objects.DNS_PORT}", "--user=nobody", "--group=nogroup",
-            f"--hostsdir={d / 'hosts'}", f"--conf-file={d / 'records.conf'}", "--local-ttl=5",
-            "--pid-file=", "--log-facility=-", "--log-queries"]
-
-
-def start_server(st: LabState, pod: PodPlan) -> Process:
+def start_server(st: LabState, pod: PodPlan, port: int) -> Process:
     from .lab import start_agent
-    return start_agent(st, "dnsmasq", pod.netns, pod.name, dnsmasq_args(st.lab))
+    return start_agent(st, "dnsmasq", pod.netns, pod.name, server.dnsmasq_args(dns_dir(st.lab), port))
 
 
 def server_of(st: LabState, pod: PodPlan) -> Process | None:
@@ -202,29 +195,83 @@ def server_of(st: LabState, pod: PodPlan) -> Process | None:
                  if p.role == "dnsmasq" and p.netns == pod.netns and process_running(p)), None)
 
 
-def replica_answers(plan: LabPlan, pod: PodPlan, name: str, want, timeout: float = 0.3) -> bool:
+def port_of(proc: Process | None) -> int | None:
+    """The port a running dnsmasq was started on (from its command line)."""
+    try:
+        args = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0") if proc else []
+    except OSError:
+        return None
+    return next((int(a.split(b"=", 1)[1]) for a in args if a.startswith(b"--port=")), None)
+
+
+def replica_answers(plan: LabPlan, pod: PodPlan, name: str, want, timeout: float = 0.3,
+                    port: int = objects.DNS_PORT) -> bool:
     try:
         qtype = want[0] if want else "A"
-        return answers_as_expected(query(pod.ip, name, qtype, netns=plan.node(pod.node).netns, timeout=timeout), want)
+        return answers_as_expected(query(pod.ip, name, qtype, netns=plan.node(pod.node).netns,
+                                         timeout=timeout, port=port), want)
     except OSError:
         return False
 
 
-def wait_serving(st: LabState, plan: LabPlan, pod: PodPlan, proc: Process, timeout: float) -> None:
-    """Wait until the replica answers for the kube-dns Service's own name."""
+def wait_serving(st: LabState, plan: LabPlan, pod: PodPlan, proc: Process, port: int, timeout: float) -> None:
+    """Wait until the replica's dnsmasq answers for the kube-dns Service's own name on ``port``."""
     from .lab import ready_or_dead
     name = f"{objects.SERVICE}.{objects.NAMESPACE}.svc.{objects.DOMAIN}"
     want = ("A", frozenset({server_ip(plan)}))
     log = st.dir / "logs" / f"dnsmasq-{pod.name}.log"
-    flag = st.dir / "dns" / f"{pod.name}.serving"
+    flag = dns_dir(st.lab) / f"{pod.name}.serving"
     flag.unlink(missing_ok=True)
 
     def serving() -> bool:
-        if replica_answers(plan, pod, name, want):
+        if replica_answers(plan, pod, name, want, port=port):
             flag.touch()
         return ready_or_dead(flag, proc, log, f"dnsmasq in {pod.key}")
-    wait_for(serving, f"dnsmasq in {pod.key} ({pod.ip}) to answer {name} (log: {log})", timeout)
+    wait_for(serving, f"dnsmasq in {pod.key} ({pod.ip}:{port}) to answer {name} (log: {log})", timeout)
     flag.unlink(missing_ok=True)
+
+
+def start_replica(st: LabState, plan: LabPlan, pod: PodPlan, timeout: float) -> None:
+    """A replica's first dnsmasq (or one replacing a dead one): start, wait, redirect 53 to it."""
+    first = not any(p.role == "dnsmasq" and p.netns == pod.netns for p in st.processes)
+    port = server.SERVER_PORTS[0]
+    wait_serving(st, plan, pod, start_server(st, pod, port), port, timeout)
+    kernel.restore_iptables(pod.netns, server.redirect_rules(port, first), plan.iptables_backend)
+
+
+def restart(st: LabState, plan: LabPlan, pod: PodPlan, timeout: float) -> None:
+    """Replace a replica's dnsmasq without losing a query: the new one starts on the other
+    port and answers, port 53 is redirected to it, the old one drains and exits."""
+    from .lab import stop_processes
+    old = server_of(st, pod)
+    if old is None:
+        start_replica(st, plan, pod, timeout)
+        return
+    old_port = port_of(old)
+    port = server.other_port(old_port)
+    wait_serving(st, plan, pod, start_server(st, pod, port), port, timeout)
+    kernel.restore_iptables(pod.netns, server.redirect_rules(port, first=False), plan.iptables_backend)
+    if old_port is not None:
+        wait_for(lambda: not _queued(old.pid, old_port), f"dnsmasq {old.pid} in {pod.key} to drain its queries", timeout)
+    stop_processes([old])
+    st.processes = [p for p in st.processes if p != old]
+    st.save()
+    if old_port is not None:                  # a client reusing a source port must not meet the old port
+        subprocess.run(["ip", "netns", "exec", pod.netns, "conntrack", "-D", "-p", "udp",
+                        "--reply-port-src", str(old_port)], capture_output=True)
+
+
+def _queued(pid: int, port: int) -> bool:
+    """Does the UDP socket on ``port`` of process ``pid`` (its namespace's view) hold unread datagrams?"""
+    try:
+        lines = Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and int(fields[4].split(":")[1], 16):
+            return True
+    return False
 
 
 def bring_up(st: LabState, topo: Topology, plan: LabPlan, res: Resolution, timeout: float = 30.0) -> None:
@@ -232,26 +279,25 @@ def bring_up(st: LabState, topo: Topology, plan: LabPlan, res: Resolution, timeo
     write_zone(st.lab, zone(topo, plan, res))
     write_resolv(st, plan, list(plan.pods))
     for pod in dns_pods(plan):
-        wait_serving(st, plan, pod, start_server(st, pod), timeout)
+        start_replica(st, plan, pod, timeout)
 
 
 def sync(st: LabState, topo: Topology, plan: LabPlan, res: Resolution, timeout: float = 30.0) -> tuple[float, int]:
     """Bring the running DNS in line with ``topo``/``plan``: new replicas started, the zone
-    rewritten, a rolling restart if CNAME/SRV records changed. Returns the update latency
-    (zone written → every replica gives the new answers for the changed names; 0 if none)
-    and how many names changed."""
+    rewritten, the replicas replaced one at a time if CNAME/SRV records changed. Returns the
+    update latency (zone written → every replica gives the new answers for the changed
+    names, asked on port 53; 0 if none) and how many names changed."""
     started = [p for p in dns_pods(plan) if server_of(st, p) is None]
     for pod in started:
-        wait_serving(st, plan, pod, start_server(st, pod), timeout)
+        start_replica(st, plan, pod, timeout)
     new = zone(topo, plan, res)
     written = time.monotonic()
     old, config_changed = write_zone(st.lab, new)
     changed = changed_names(old, new)
     if config_changed:
         for pod in dns_pods(plan):
-            if pod in started:
-                continue
-            restart(st, plan, pod, timeout)
+            if pod not in started:
+                restart(st, plan, pod, timeout)
     check = list(changed.items())[:CHECK_NAMES]
     for pod in dns_pods(plan):
         for name, want in check:
@@ -259,12 +305,3 @@ def sync(st: LabState, topo: Topology, plan: LabPlan, res: Resolution, timeout: 
                      f"dnsmasq in {pod.key} to answer {name} with {sorted(want[1]) if want else 'NXDOMAIN'}",
                      max(timeout - (time.monotonic() - written), 0.1))
     return (time.monotonic() - written if changed else 0.0), len(changed)
-
-
-def restart(st: LabState, plan: LabPlan, pod: PodPlan, timeout: float) -> None:
-    """Replace one replica's dnsmasq (it reads CNAME and SRV records only at start)."""
-    from .lab import stop_processes
-    proc = server_of(st, pod)
-    if proc is not None:
-        stop_processes([proc])
-    wait_serving(st, plan, pod, start_server(st, pod), timeout)

@@ -184,6 +184,35 @@ def test_live_changes_are_reflected(lab, tmp_path):
     assert all(r["dnsmasq"] for r in json.loads(netsim("status", lab, "-o", "json").stdout)["clusterDNS"]["replicas"])
 
 
+def test_srv_changes_hand_dnsmasq_over_without_losing_a_query(lab, tmp_path):
+    """SRV records are dnsmasq options: a change starts new dnsmasq processes (on the other
+    port, port 53 redirected to them); a client asking all along gets every answer."""
+    def servers() -> set[int]:
+        st = json.loads(Path(f"/run/netsim/{lab}/state.json").read_text())
+        return {p["pid"] for p in st["processes"] if p["role"] == "dnsmasq"}
+    before = servers()
+    stop = tmp_path / "stop"
+    plan = json.loads(Path(f"/run/netsim/{lab}/plan.json").read_text())
+    c1 = next(p["netns"] for p in plan["pods"] if p["name"] == "c1")
+    loop = (f"while [ ! -e {stop} ]; do dig +tries=1 +time=1 +short kube-dns.kube-system.svc.cluster.local "
+            f"|| echo FAIL; done")
+    client = subprocess.Popen(["ip", "netns", "exec", c1, "sh", "-c", loop], stdout=subprocess.PIPE, text=True)
+    try:
+        svc = tmp_path / "named.yaml"
+        svc.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: named}\n"
+                       "spec: {selector: {app: web}, ports: [{name: web, port: 81, targetPort: http}]}\n")
+        for _ in range(2):
+            netsim("apply", "--lab", lab, "-f", str(svc))
+            netsim("delete", "--lab", lab, "-f", str(svc))
+    finally:
+        stop.touch()
+        out, _ = client.communicate(timeout=30)
+    answers = out.split()
+    assert len(answers) > 10 and set(answers) == {"10.96.0.10"}, answers
+    assert servers() and not servers() & before                   # every replica was replaced
+    assert len(servers()) == 2
+
+
 def test_selftest_includes_dns_checks(lab):
     data = json.loads(netsim("selftest", lab, "-o", "json").stdout)
     checks = data["checks"] if isinstance(data, dict) else data

@@ -261,3 +261,26 @@ def test_real_dnsmasq_serves_the_rendered_zone_on_loopback(records, tmp_path):
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_dnsmasq_has_no_upstream_and_alternates_ports(tmp_path):
+    from netsim.dns.server import SERVER_PORTS, dnsmasq_args, other_port
+    args = dnsmasq_args(tmp_path, SERVER_PORTS[0])
+    for flag in ("--no-resolv", "--no-hosts", "--local=/cluster.local/", "--keep-in-foreground",
+                 f"--port={SERVER_PORTS[0]}", f"--hostsdir={tmp_path / 'hosts'}"):
+        assert flag in args
+    assert not [a for a in args if a.startswith(("--server", "--resolv-file"))]
+    assert other_port(SERVER_PORTS[0]) == SERVER_PORTS[1] and other_port(SERVER_PORTS[1]) == SERVER_PORTS[0]
+    assert other_port(None) == SERVER_PORTS[0]
+
+
+def test_port_53_redirect_rules():
+    from netsim.dns.server import redirect_rules
+    first = redirect_rules(10053, first=True)
+    assert first.splitlines()[:2] == ["*nat", ":NETSIM-DNS - [0:0]"] and first.endswith("COMMIT\n")
+    assert sum("-A PREROUTING" in l and "--dport 53" in l for l in first.splitlines()) == 2
+    assert "-A NETSIM-DNS -p udp -j REDIRECT --to-ports 10053" in first
+    flip = redirect_rules(10054, first=False)
+    assert "PREROUTING" not in flip                 # the jumps exist; only the chain is rewritten
+    assert [l for l in flip.splitlines() if l.startswith("-A")] == [
+        "-A NETSIM-DNS -p udp -j REDIRECT --to-ports 10054", "-A NETSIM-DNS -p tcp -j REDIRECT --to-ports 10054"]
