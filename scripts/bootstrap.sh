@@ -14,6 +14,7 @@ PACKAGES=(
   iproute2 iptables nftables ipset conntrack ipvsadm   # kernel configuration tools
   mininet                                              # Mininet's Python module and mnexec
   iperf3 tcpdump tshark iputils-ping curl procps       # traffic, capture and inspection
+  bind9-dnsutils                                       # dig, for asking the cluster DNS
   etcd-server etcd-client                              # the real-etcd registry backend
   user-mode-linux                                      # kernel runner for features this kernel lacks
   dnsmasq-base containernetworking-plugins             # cluster DNS, reference CNI plugins

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -252,13 +251,26 @@ def restart(st: LabState, plan: LabPlan, pod: PodPlan, timeout: float) -> None:
     wait_serving(st, plan, pod, start_server(st, pod, port), port, timeout)
     kernel.restore_iptables(pod.netns, server.redirect_rules(port, first=False), plan.iptables_backend)
     if old_port is not None:
+        # Flows NATed to the old port (a client reusing a source port within the UDP
+        # conntrack timeout) would keep reaching it: forget them, so they meet the new one.
+        _forget_flows(pod, old_port)
         wait_for(lambda: not _queued(old.pid, old_port), f"dnsmasq {old.pid} in {pod.key} to drain its queries", timeout)
     stop_processes([old])
     st.processes = [p for p in st.processes if p != old]
     st.save()
-    if old_port is not None:                  # a client reusing a source port must not meet the old port
-        subprocess.run(["ip", "netns", "exec", pod.netns, "conntrack", "-D", "-p", "udp",
-                        "--reply-port-src", str(old_port)], capture_output=True)
+    if old_port is not None:
+        _forget_flows(pod, old_port)
+
+
+def _forget_flows(pod: PodPlan, port: int) -> None:
+    """Delete the pod's conntrack entries redirected to ``port`` (marked with it): one
+    kernel-side flush, however many flows a busy client left."""
+    from pyroute2 import NFCTSocket
+    ct = NFCTSocket(netns=pod.netns)          # created inside the pod (netns=, not setns around it)
+    try:
+        ct.flush(mark=port, mark_mask=0xFFFFFFFF)
+    finally:
+        ct.close()
 
 
 def _queued(pid: int, port: int) -> bool:

@@ -35,11 +35,14 @@ def dnsmasq_args(dns_dir: Path, port: int) -> list[str]:
 
 def redirect_rules(port: int, first: bool) -> str:
     """iptables-restore --noflush input sending the pod's port 53 (UDP and TCP) to
-    ``port``; ``first`` also installs the jumps from PREROUTING (once per pod)."""
+    ``port``, marking each flow's conntrack entry with that port (so the flows of a
+    retired dnsmasq can be flushed in one netlink request); ``first`` also installs the
+    jumps from PREROUTING (once per pod)."""
     lines = ["*nat", f":{CHAIN} - [0:0]"]
     if first:
         lines += [f"-A PREROUTING -p {proto} -m {proto} --dport {DNS_PORT} -m comment "
                   f"--comment \"cluster DNS: port {DNS_PORT} to the serving dnsmasq\" -j {CHAIN}"
                   for proto in ("udp", "tcp")]
+    lines.append(f"-A {CHAIN} -j CONNMARK --set-xmark {port:#x}/0xffffffff")   # flows know their dnsmasq
     lines += [f"-A {CHAIN} -p {proto} -j REDIRECT --to-ports {port}" for proto in ("udp", "tcp")]
     return "\n".join(lines + ["COMMIT"]) + "\n"

@@ -283,4 +283,5 @@ def test_port_53_redirect_rules():
     flip = redirect_rules(10054, first=False)
     assert "PREROUTING" not in flip                 # the jumps exist; only the chain is rewritten
     assert [l for l in flip.splitlines() if l.startswith("-A")] == [
+        "-A NETSIM-DNS -j CONNMARK --set-xmark 0x2746/0xffffffff",
         "-A NETSIM-DNS -p udp -j REDIRECT --to-ports 10054", "-A NETSIM-DNS -p tcp -j REDIRECT --to-ports 10054"]
