@@ -24,12 +24,11 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -66,32 +65,55 @@ def service(name: str, named: bool) -> dict:
             "spec": {"selector": {"app": "web"}, "ports": [port]}}
 
 
-class Prober(threading.Thread):
-    """Asks the cluster DNS for a stable name from the client pod, counting wrong answers."""
+KINDS = ("idle", "a-only", "with-srv", "scale")
+
+
+class Prober:
+    """A separate process inside the client pod asking the cluster DNS for a stable name,
+    counting queries and wrong answers per kind of change (a process, not a thread:
+    entering namespaces is per thread and netsim's helpers are not thread-safe)."""
 
     def __init__(self, netns: str):
-        super().__init__(daemon=True)
-        self.netns, self.stop, self.kind = netns, threading.Event(), "idle"
-        self.sent: dict[str, int] = {}
-        self.lost: dict[str, int] = {}
-        self.why: dict[str, dict[str, int]] = {}
+        ctx = multiprocessing.get_context("fork")
+        self.kind = ctx.Value("i", 0)
+        self.counts = ctx.Array("l", len(KINDS) * 4)      # per kind: sent, lost, refused, timed out
+        self.stop = ctx.Event()
+        self.proc = ctx.Process(target=self._run, args=(netns,), daemon=True)
 
-    def run(self) -> None:
+    def start(self) -> None:
+        self.proc.start()
+
+    def set(self, kind: str) -> None:
+        self.kind.value = KINDS.index(kind)
+
+    def join(self) -> None:
+        self.stop.set()
+        self.proc.join(10)
+
+    def _run(self, netns: str) -> None:
+        from pyroute2 import netns as pr_netns
+        pr_netns.setns(netns)                               # this process lives in the pod
         while not self.stop.is_set():
-            kind = self.kind
-            why = ""
+            k = self.kind.value * 4
+            why = 0
             try:
-                if query("10.96.0.10", "kube-dns.kube-system.svc.cluster.local", netns=self.netns,
-                         timeout=0.5).values() != ["10.96.0.10"]:
-                    why = "wrong answer"
-            except OSError as exc:
-                why = type(exc).__name__
-            self.sent[kind] = self.sent.get(kind, 0) + 1
-            self.lost[kind] = self.lost.get(kind, 0) + bool(why)
-            if why:
-                self.why.setdefault(kind, {}).setdefault(why, 0)
-                self.why[kind][why] += 1
+                if query("10.96.0.10", "kube-dns.kube-system.svc.cluster.local", timeout=0.5).values() != ["10.96.0.10"]:
+                    why = 1
+            except ConnectionRefusedError:
+                why = 2
+            except OSError:
+                why = 3
+            with self.counts.get_lock():
+                self.counts[k] += 1
+                self.counts[k + 1] += bool(why)
+                if why >= 2:
+                    self.counts[k + why] += 1
             self.stop.wait(PACE)           # load pacing (about 500 queries/s), not a readiness wait
+
+    def result(self, kind: str) -> dict:
+        k = KINDS.index(kind) * 4
+        return {"queries": self.counts[k], "lost": self.counts[k + 1],
+                "refused": self.counts[k + 2], "timed_out": self.counts[k + 3]}
 
 
 def apply(objs: list[dict], delete: bool = False) -> changes.Change:
@@ -109,7 +131,6 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dns_latency.json"))
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("dns_latency: terminated; tearing the lab down"))
     with tempfile.TemporaryDirectory() as tmp:
         topo = Path(tmp) / "lab.yaml"
         topo.write_text(TOPOLOGY)
@@ -123,21 +144,23 @@ def main() -> None:
         prober.start()
         for i in range(args.repeat):
             for kind, named in (("a-only", False), ("with-srv", True)):
-                prober.kind = kind
+                prober.set(kind)
                 for delete in (False, True):
                     ch = apply([service(f"s{i}-{kind}", named)], delete=delete)
                     samples[kind].append(ch.dns_s)
                     names[kind].append(ch.dns_names)
-            prober.kind = "scale"
+            prober.set("scale")
             ch = scale(4 + i)          # upwards only: re-adding a removed replica's name trips a pod-server issue
             samples["scale"].append(ch.dns_s)
             names["scale"].append(ch.dns_names)
-            prober.kind = "idle"
-        prober.stop.set()
-        prober.join()
+            prober.set("idle")
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        raise
     finally:
         if prober:
-            prober.stop.set()
+            prober.join()                  # out of the lab's namespaces before it is torn down
         subprocess.run([sys.executable, "-m", "netsim", "down", LAB], check=False, stdout=subprocess.DEVNULL, cwd=REPO)
     result = {
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
@@ -146,9 +169,9 @@ def main() -> None:
                 "via the kube-dns ClusterIP without the right answer while that kind of change ran",
         "results": {k: {"changes": len(v), "median_ms": round(statistics.median(v) * 1000, 1),
                         "max_ms": round(max(v) * 1000, 1), "names_changed_median": statistics.median(names[k]),
-                        "queries": prober.sent.get(k, 0), "lost": prober.lost.get(k, 0),
-                        "lost_by": prober.why.get(k, {})}
+                        **prober.result(k)}
                     for k, v in samples.items()},
+        "between_changes": prober.result("idle"),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -181,7 +181,8 @@ def test_update_check_names_what_changed():
 
 def test_query_wire_format_round_trip():
     q = build_query("web.default.svc.cluster.local", "SRV", 0x1234)
-    assert q[:4] == b"\x12\x34\x01\x00" and q.endswith(b"\x00\x21\x00\x01")
+    assert q[:4] == b"\x12\x34\x01\x00" and q[10:12] == b"\x00\x01"          # one OPT record (EDNS)
+    assert q.endswith(b"\x00\x21\x00\x01" + b"\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00")
     # A reply with a compressed answer name pointing at the question (offset 12).
     name = encode_name("web.default.svc.cluster.local")
     reply = (b"\x12\x34\x81\x80\x00\x01\x00\x02\x00\x00\x00\x00" + name + b"\x00\x01\x00\x01"
@@ -226,7 +227,9 @@ def test_real_dnsmasq_serves_the_rendered_zone_on_loopback(records, tmp_path):
     _, plan, res, z = records
     (tmp_path / "hosts").mkdir()
     (tmp_path / "hosts" / "cluster").write_text(render_hosts(z))
-    (tmp_path / "records.conf").write_text(render_config(z))
+    many = [f"srv-host=_p._tcp.big.default.svc.cluster.local,{i}-endpoint-with-a-long-name.big.default.svc.cluster.local,"
+            f"8080,0,5" for i in range(20)]                        # more than 512 bytes of answers
+    (tmp_path / "records.conf").write_text(render_config(z) + "\n".join(many) + "\n")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -250,6 +253,7 @@ def test_real_dnsmasq_serves_the_rendered_zone_on_loopback(records, tmp_path):
         assert ask("search.data.svc.cluster.local").values("CNAME") == ["search.example.org"]
         assert sorted(ask("_http._tcp.web-hl.default.svc.cluster.local", "SRV").values("SRV")) == sorted(
             f"0 50 8080 {ip.replace('.', '-')}.web-hl.default.svc.cluster.local" for ip in web)
+        assert len(ask("_p._tcp.big.default.svc.cluster.local", "SRV").values("SRV")) == 20   # UDP truncates; TCP gets all
         assert ask("nope.default.svc.cluster.local").rcode == "NXDOMAIN"
         assert ask("example.org").rcode == "REFUSED"                    # nothing is forwarded
         # A rewrite of the watched directory is served without a signal.
