@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -232,10 +233,18 @@ def wait_serving(st: LabState, plan: LabPlan, pod: PodPlan, proc: Process, port:
 
 def start_replica(st: LabState, plan: LabPlan, pod: PodPlan, timeout: float) -> None:
     """A replica's first dnsmasq (or one replacing a dead one): start, wait, redirect 53 to it."""
-    first = not any(p.role == "dnsmasq" and p.netns == pod.netns for p in st.processes)
+    first = not _redirect_installed(pod, plan.iptables_backend)
     port = server.SERVER_PORTS[0]
     wait_serving(st, plan, pod, start_server(st, pod, port), port, timeout)
     kernel.restore_iptables(pod.netns, server.redirect_rules(port, first), plan.iptables_backend)
+
+
+def _redirect_installed(pod: PodPlan, backend: str) -> bool:
+    """Does the pod's nat table already jump to NETSIM-DNS? (A replica rescheduled to
+    another node keeps its name but gets a fresh namespace.)"""
+    save = kernel.RESTORE[backend].replace("-restore", "-save")
+    out = subprocess.run(["ip", "netns", "exec", pod.netns, save, "-t", "nat"], capture_output=True, text=True).stdout
+    return f"-j {server.CHAIN}" in out
 
 
 def restart(st: LabState, plan: LabPlan, pod: PodPlan, timeout: float) -> None:
@@ -299,13 +308,13 @@ def sync(st: LabState, topo: Topology, plan: LabPlan, res: Resolution, timeout: 
     rewritten, the replicas replaced one at a time if CNAME/SRV records changed. Returns the
     update latency (zone written → every replica gives the new answers for the changed
     names, asked on port 53; 0 if none) and how many names changed."""
+    new = zone(topo, plan, res)
+    written = time.monotonic()
+    old, config_changed = write_zone(st.lab, new)           # before any start: new replicas read it
+    changed = changed_names(old, new)
     started = [p for p in dns_pods(plan) if server_of(st, p) is None]
     for pod in started:
         start_replica(st, plan, pod, timeout)
-    new = zone(topo, plan, res)
-    written = time.monotonic()
-    old, config_changed = write_zone(st.lab, new)
-    changed = changed_names(old, new)
     if config_changed:
         for pod in dns_pods(plan):
             if pod not in started:

@@ -233,3 +233,29 @@ def test_a_lab_without_cluster_dns(tmp_path):
         assert json.loads(netsim("status", name, "-o", "json").stdout)["clusterDNS"] is None
     finally:
         netsim("down", name)
+
+
+def test_replica_rescheduled_by_node_removal_serves_the_current_zone(tmp_path):
+    """A coredns replica on a removed node comes back on another node (same name, new
+    namespace) with the port-53 redirect and the records of that moment."""
+    name = f"dn-move{os.getpid() % 10000}"
+    topo = tmp_path / "move.yaml"
+    topo.write_text(TOPOLOGY.format(lab=name))
+    netsim("up", str(topo))
+    try:
+        plan = json.loads(Path(f"/run/netsim/{name}/plan.json").read_text())
+        moved = next(p for p in plan["pods"] if p["namespace"] == "kube-system")
+        netsim("node", "remove", "--lab", name, moved["node"])
+        data = json.loads(netsim("status", name, "-o", "json").stdout)["clusterDNS"]
+        assert all(r["dnsmasq"] for r in data["replicas"]) and moved["node"] not in {r["node"] for r in data["replicas"]}
+        client = next(c for c in CLIENTS if c != {"n1": "c1", "n2": "c2", "n3": "c3"}[moved["node"]])
+        ips = sorted(web_pods(name).values())
+        for _ in range(6):               # both replicas, whichever kube-proxy picks
+            status, srv = dig(name, client, "SRV", "_http._tcp.web-hl.default.svc.cluster.local")
+            assert status == "NOERROR"
+            assert sorted(s.split()[-1] for s in srv) == sorted(
+                f"{ip.replace('.', '-')}.web-hl.default.svc.cluster.local." for ip in ips)
+    finally:
+        netsim("down", name)
+    assert not [d for d in os.listdir("/etc/netns") if d.startswith(f"netsim.{name}.")] \
+        if os.path.isdir("/etc/netns") else True
