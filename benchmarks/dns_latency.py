@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import multiprocessing
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

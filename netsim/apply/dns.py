@@ -30,6 +30,7 @@ from pathlib import Path
 from ..dns import objects, server
 from ..dns.query import Answer, query
 from ..dns.records import Srv, Zone, render_config, render_hosts, resolv_conf, zone
+from ..errors import ApplyError
 from ..plan.state import LabPlan, PodPlan
 from ..proxy.services import Resolution
 from ..runtime.wait import wait_for
@@ -37,7 +38,7 @@ from ..topology.model import Topology
 from . import kernel, labstate
 from .labstate import LabState, Process
 
-ETC_NETNS = Path(os.environ.get("NETSIM_ETC_NETNS", "/etc/netns"))
+ETC_NETNS = Path("/etc/netns")          # where ip netns exec looks for per-namespace /etc files
 RESOLV_MARK = "# written by netsim for pod"
 CHECK_NAMES = 8                 # changed names checked per replica when measuring an update
 
@@ -215,20 +216,21 @@ def replica_answers(plan: LabPlan, pod: PodPlan, name: str, want, timeout: float
 
 
 def wait_serving(st: LabState, plan: LabPlan, pod: PodPlan, proc: Process, port: int, timeout: float) -> None:
-    """Wait until the replica's dnsmasq answers for the kube-dns Service's own name on ``port``."""
-    from .lab import ready_or_dead
+    """Wait until the replica's dnsmasq answers for the kube-dns Service's own name on
+    ``port``; if it exits instead, fail with the last line of its log."""
+    from .lab import process_running
     name = f"{objects.SERVICE}.{objects.NAMESPACE}.svc.{objects.DOMAIN}"
     want = ("A", frozenset({server_ip(plan)}))
     log = st.dir / "logs" / f"dnsmasq-{pod.name}.log"
-    flag = dns_dir(st.lab) / f"{pod.name}.serving"
-    flag.unlink(missing_ok=True)
 
     def serving() -> bool:
         if replica_answers(plan, pod, name, want, port=port):
-            flag.touch()
-        return ready_or_dead(flag, proc, log, f"dnsmasq in {pod.key}")
+            return True
+        if not process_running(proc):
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            raise ApplyError(f"dnsmasq in {pod.key}", lines[-1] if lines else "exited without a word")
+        return False
     wait_for(serving, f"dnsmasq in {pod.key} ({pod.ip}:{port}) to answer {name} (log: {log})", timeout)
-    flag.unlink(missing_ok=True)
 
 
 def start_replica(st: LabState, plan: LabPlan, pod: PodPlan, timeout: float) -> None:
@@ -323,6 +325,13 @@ def sync(st: LabState, topo: Topology, plan: LabPlan, res: Resolution, timeout: 
     for pod in dns_pods(plan):
         for name, want in check:
             wait_for(lambda: replica_answers(plan, pod, name, want),
-                     f"dnsmasq in {pod.key} to answer {name} with {sorted(want[1]) if want else 'NXDOMAIN'}",
+                     f"dnsmasq in {pod.key} to answer {name} with {_short(want)}",
                      max(timeout - (time.monotonic() - written), 0.1))
     return (time.monotonic() - written if changed else 0.0), len(changed)
+
+
+def _short(want) -> str:
+    if want is None:
+        return "NXDOMAIN"
+    values = sorted(want[1])
+    return ", ".join(values[:3]) + (f" and {len(values) - 3} more" if len(values) > 3 else "")
