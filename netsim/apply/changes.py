@@ -223,5 +223,10 @@ def scale(doc: dict, kind_name: str, replicas: int) -> tuple[dict, list[str]]:
             new = json.loads(json.dumps(obj))
             new.setdefault("spec", {})["replicas"] = replicas
             return merge(doc, [new], delete=False)
+    from ..dns import objects as cluster_dns
+    if (namespace, name) == (cluster_dns.NAMESPACE, cluster_dns.DEPLOYMENT):
+        raise TopologyError([Problem(kind_name, "the cluster DNS Deployment is netsim's own, with "
+                                     f"{cluster_dns.REPLICAS} replicas", "it is set by cluster.dns")],
+                            "scale", "nothing was changed")
     raise TopologyError([Problem(kind_name, f"Deployment {namespace}/{name} not found")], "scale",
                         "nothing was changed")

@@ -289,3 +289,11 @@ def test_port_53_redirect_rules():
     assert [l for l in flip.splitlines() if l.startswith("-A")] == [
         "-A NETSIM-DNS -j CONNMARK --set-xmark 0x2746/0xffffffff",
         "-A NETSIM-DNS -p udp -j REDIRECT --to-ports 10054", "-A NETSIM-DNS -p tcp -j REDIRECT --to-ports 10054"]
+
+
+def test_scaling_the_cluster_dns_is_refused_with_a_reason():
+    from netsim.apply.changes import scale
+    with pytest.raises(TopologyError) as exc:
+        scale({"manifests": []}, "deployment/kube-system/coredns", 3)
+    assert exc.value.lines() == ["deployment/kube-system/coredns: the cluster DNS Deployment is netsim's own, "
+                                 "with 2 replicas (hint: it is set by cluster.dns)"]
