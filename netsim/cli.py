@@ -382,7 +382,9 @@ def cmd_apply(args) -> int:
     verb = {"apply": "applied", "delete": "deleted", "scale": "scaled"}[args.command]
     print(f"{verb}: {', '.join(touched)}; pods +{len(result.added)} -{len(result.removed)}"
           + (f"; {result.services_changed} Services reprogrammed on every node in "
-             f"{result.programming_s * 1000:.0f} ms" if result.services_changed else ""))
+             f"{result.programming_s * 1000:.0f} ms" if result.services_changed else "")
+          + (f"; {result.dns_names} DNS names served by every cluster DNS replica in "
+             f"{result.dns_s * 1000:.0f} ms" if result.dns_names else ""))
     for pod in result.added:
         print(f"  + {pod.key} on {pod.node} {pod.ip}")
     for pod in result.removed:

@@ -44,11 +44,29 @@ def status_dict(plan: LabPlan, st: LabState | None) -> dict:
                   for n in plan.nodes],
         "externals": [{"name": e.name, "address": e.address, "netns": e.netns,
                        "present": netns.exists(e.netns)} for e in plan.externals],
+        "clusterDNS": _cluster_dns(plan, alive),
         "pods": [{"name": p.name, "namespace": p.namespace, "node": p.node, "ip": p.ip,
                   "hostVeth": p.host_veth, "netns": p.netns, "present": netns.exists(p.netns),
                   "ports": [{"port": x.port, "protocol": x.protocol, "name": x.name} for x in p.ports]}
                  for p in plan.pods],
     }
+
+
+def _cluster_dns(plan: LabPlan, alive) -> dict | None:
+    """The kube-dns Service and its dnsmasq replicas, if the lab runs the cluster DNS."""
+    from .apply.dns import dns_pods, server_ip
+    pods = dns_pods(plan)
+    if not pods:
+        return None
+    return {"service": "kube-system/kube-dns", "ip": server_ip(plan),
+            "replicas": [{"pod": p.key, "node": p.node, "ip": p.ip, "dnsmasq": alive(p.netns, "dnsmasq")}
+                         for p in pods]}
+
+
+def _dns_line(dns: dict) -> str:
+    up = sum(r["dnsmasq"] for r in dns["replicas"])
+    where = ", ".join(r["ip"] + " on " + r["node"] + ("" if r["dnsmasq"] else " DOWN") for r in dns["replicas"])
+    return f"cluster DNS {dns['ip']} ({dns['service']}): {up}/{len(dns['replicas'])} dnsmasq replicas up ({where})"
 
 
 def _state(n: dict) -> str:
@@ -70,6 +88,8 @@ def status_text(plan: LabPlan, st: LabState | None) -> str:
     if plan.externals:
         lines += ["", table([[e["name"], e["address"], "ok" if e["present"] else "missing"] for e in d["externals"]],
                             ["EXTERNAL", "ADDRESS", "STATE"])]
+    if d["clusterDNS"]:
+        lines += ["", _dns_line(d["clusterDNS"])]
     if plan.pods:
         lines += ["", table([[p.key, p.node, p.ip, ports_text(p.ports), p.host_veth] for p in plan.pods],
                             ["POD", "NODE", "IP", "PORTS", "HOST VETH"])]

@@ -66,6 +66,7 @@ def run(plan: LabPlan, services=None) -> list[Check]:
                     checks.append(_clientip(f"cross-node pod→pod UDP, no NAT ({plan.overlay})", client, server, "UDP", client.ip))
     if services is not None:
         checks += service_checks(plan, services)
+        checks += dns_checks(plan, services)
     for ext in plan.externals:
         for node in plan.nodes:
             checks.append(_do(Check("external→node IP", ext.name, f"{node.name} {node.address}", "echo reply"),
@@ -83,7 +84,7 @@ def service_checks(plan: LabPlan, res) -> list[Check]:
     node_ips = {n.address for n in plan.nodes}
     for port in res.ports:
         backends = {names.get(e.ip, e.ip) for e in port.endpoints if e.ready}
-        if not backends:
+        if not backends or _dns_port(port):
             continue
         short = {b.split("/")[-1] for b in backends}
         for node in plan.nodes:
@@ -116,6 +117,50 @@ def service_checks(plan: LabPlan, res) -> list[Check]:
                                         "a backend"),
                                   lambda e=ext, ip=lb, p=port: _via_service(e.netns, ip, p.port, "TCP", short, None)))
     return checks
+
+
+def _dns_port(port) -> bool:
+    """kube-dns's port 53 is dnsmasq's, not the pod server's: dns_checks covers it."""
+    from .dns import objects
+    return (port.namespace, port.name, port.port) == (objects.NAMESPACE, objects.SERVICE, objects.DNS_PORT)
+
+
+def dns_checks(plan: LabPlan, res) -> list[Check]:
+    """From a pod on every node, a short Service name through the pod's resolv.conf (search
+    path, then the kube-dns ClusterIP, then a dnsmasq replica); once, a name that does not
+    exist must get NXDOMAIN."""
+    from .apply.dns import dns_pods, server_ip
+    if not dns_pods(plan):
+        return []
+    dns = server_ip(plan)
+    target = next((p for p in res.ports if p.endpoints and not _dns_port(p)), None)
+    short, namespace = (target.name, target.namespace) if target else ("kube-dns", "kube-system")
+    want = res.cluster_ips[f"{namespace}/{short}"]
+    checks = []
+    for node in plan.nodes:
+        client = next((p for p in plan.pods if p.node == node.name and p.namespace == namespace), None)
+        name = short
+        if client is None:
+            client = next((p for p in plan.pods if p.node == node.name), None)
+            name = f"{short}.{namespace}"
+        if client is None:
+            continue
+        checks.append(_do(Check("pod→cluster DNS, search path", client.key, f"{name} via {dns}", want),
+                          lambda c=client, n=name: _resolved(c.netns, n, want)))
+    client = next((p for p in plan.pods if not p.namespace == "kube-system"), plan.pods[0])
+    checks.append(_do(Check("pod→cluster DNS, unknown name", client.key, f"no-such-service.{client.namespace}"
+                            f".svc.cluster.local via {dns}", "NXDOMAIN"),
+                      lambda c=client: _resolved(c.netns, f"no-such-service.{c.namespace}.svc.cluster.local.", None)))
+    return checks
+
+
+def _resolved(ns: str, name: str, want: str | None) -> tuple[str, bool]:
+    from .dns.resolver import lookup
+    fqdn, answer = lookup(ns, name)
+    if want is None:
+        return answer.rcode, answer.rcode == "NXDOMAIN"
+    got = answer.values()
+    return f"{fqdn} {', '.join(got) or answer.rcode}", got == [want]
 
 
 def _via_service(ns: str, ip: str, port: int, proto: str, backends: set[str], source: str | None,

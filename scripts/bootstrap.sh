@@ -15,6 +15,7 @@ PACKAGES=(
   mininet                                              # Mininet's Python module and mnexec
   iperf3 tcpdump tshark iputils-ping curl procps       # traffic, capture and inspection
   graphviz                                             # netsim graph: SVG and PNG pictures
+  bind9-dnsutils                                       # dig, for asking the cluster DNS
   etcd-server etcd-client                              # the real-etcd registry backend
   user-mode-linux kmod                                 # kernel runner for features this kernel lacks (modprobe in the guest)
   dnsmasq-base containernetworking-plugins             # cluster DNS, reference CNI plugins

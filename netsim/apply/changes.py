@@ -39,6 +39,8 @@ class Change:
     programming_s: float = 0.0  # Services written → rules in every node's kernel
     services_changed: int = 0
     warnings: tuple = ()        # what Kubernetes accepts but would warn about
+    dns_s: float = 0.0          # zone written → every DNS replica answers the changed names
+    dns_names: int = 0          # DNS names whose answer changed
 
 
 # -- the desired-objects document ---------------------------------------------------
@@ -153,6 +155,11 @@ def change(lab: str, doc: dict, touched: list[str], timeout: float = 30.0) -> Ch
     from .services import publish, wait_programmed
     res, keys, since = publish(lab, topo, new)
     result.services_changed, result.warnings = len(keys), res.warnings
+    if topo.cluster.dns:
+        from . import dns
+        dns.write_resolv(st, new, added)
+        dns.prune(st, new)
+        result.dns_s, result.dns_names = dns.sync(st, topo, new, res, timeout)
     if keys:
         result.programming_s = wait_programmed(lab, new, res, keys, since, timeout)
     return result
@@ -179,6 +186,8 @@ def remove_pod(lab: str, st: LabState, pod: PodPlan) -> None:
     netns.remove(pod.netns)
     st.netns = [n for n in st.netns if n != pod.netns]
     st.save()
+    from .dns import forget_pod
+    forget_pod(st, pod)
 
 
 def podserver_call(lab: str, node: str, request: dict, timeout: float = 10.0) -> dict:
@@ -214,5 +223,10 @@ def scale(doc: dict, kind_name: str, replicas: int) -> tuple[dict, list[str]]:
             new = json.loads(json.dumps(obj))
             new.setdefault("spec", {})["replicas"] = replicas
             return merge(doc, [new], delete=False)
+    from ..dns import objects as cluster_dns
+    if (namespace, name) == (cluster_dns.NAMESPACE, cluster_dns.DEPLOYMENT):
+        raise TopologyError([Problem(kind_name, "the cluster DNS Deployment is netsim's own, with "
+                                     f"{cluster_dns.REPLICAS} replicas", "it is set by cluster.dns")],
+                            "scale", "nothing was changed")
     raise TopologyError([Problem(kind_name, f"Deployment {namespace}/{name} not found")], "scale",
                         "nothing was changed")

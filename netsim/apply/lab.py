@@ -70,9 +70,12 @@ def up(plan: LabPlan, source: str = "", timeout: float = 30.0,
         wait_pods(plan, max(timeout - (time.monotonic() - t0), 1.0))
         if topology is not None:
             from .services import publish
-            publish(plan.lab, topology, plan)
+            res, _, _ = publish(plan.lab, topology, plan)
             proxies = {n.name: start_kubeproxy(plan, n.name, url, st) for n in plan.nodes}
             wait_kubeproxies(plan, proxies, max(timeout - (time.monotonic() - t0), 1.0))
+            if topology.cluster.dns:
+                from . import dns
+                dns.bring_up(st, topology, plan, res, max(timeout - (time.monotonic() - t0), 1.0))
         if objects is not None:
             from .changes import pin_addresses, save_objects
             save_objects(plan.lab, pin_addresses(objects, plan))
@@ -323,6 +326,9 @@ def teardown(st: LabState) -> None:
     if st.dir.exists():
         st.save()
     stop_processes(st.processes, st.netns)
+    from . import dns
+    dns.remove_files(st.files)
+    dns.sweep(st.netns)
     for name in reversed(st.netns):
         netns.remove(name)
     labstate.remove_dir(st.lab)

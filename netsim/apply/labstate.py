@@ -50,6 +50,7 @@ class LabState:
     created: float = 0.0
     netns: list[str] = field(default_factory=list)
     processes: list[Process] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)     # outside the state dir (pods' resolv.conf)
 
     @property
     def dir(self) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .. import naming
+from ..dns import objects as cluster_dns
 from ..errors import Problem, TopologyError
 from ..plan import scheduler   # a module reference: plan.scheduler imports topology.model
 from .check import Checker, _kind, join
@@ -25,7 +26,7 @@ from .model import (IPTABLES_BACKENDS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluste
 TOP_FIELDS = {"name", "cluster", "nodes", "externals", "manifests", "verify"}
 CLUSTER_FIELDS = {"podCIDR", "serviceCIDR", "nodeSubnetLength", "underlayCIDR", "underlayMTU",
                   "proxyMode", "overlay", "registry", "registryEndpoint", "loadBalancerPool",
-                  "bridge", "iptablesBackend", "directRouting", "leaseTTL", "renewMargin", "minSyncPeriod"}
+                  "bridge", "iptablesBackend", "directRouting", "leaseTTL", "renewMargin", "minSyncPeriod", "dns"}
 LAB_NAME_MAX = 32
 
 
@@ -103,6 +104,7 @@ def _build(data: Any, base: Path, source: str, ck: Checker) -> Topology | None:
     nodes = _hosts(top.get("nodes"), "nodes", ck, NodeSpec, required=True)
     externals = _hosts(top.get("externals"), "externals", ck, ExternalSpec)
     manifests = _manifests(top.get("manifests"), base, ck)
+    _add_cluster_dns(cluster, manifests, ck)
     pods = list(manifests.pods)
     for dep in manifests.deployments:
         pods.extend(expand_deployment(dep))
@@ -156,6 +158,15 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
                      "kube-proxy's default is 1")
         else:
             sync = float(value)
+    dns = d.dns
+    if "dns" in raw:
+        dns = ck.boolean(raw["dns"], "cluster.dns")
+        dns = d.dns if dns is None else dns
+    service_cidr = net("serviceCIDR", d.service_cidr)
+    if dns and cluster_dns.service_ip(service_cidr) is None:
+        ck.error("cluster.serviceCIDR", f"{service_cidr} has no tenth address for the kube-dns Service",
+                 "use a /28 or larger serviceCIDR, or set cluster.dns: false")
+        dns = False
     direct = d.direct_routing
     if "directRouting" in raw:
         direct = ck.boolean(raw["directRouting"], "cluster.directRouting") or False
@@ -167,7 +178,7 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
                      f"choose another name, such as {d.bridge}")
             bridge = d.bridge
     return Cluster(
-        pod_cidr=pod_cidr, service_cidr=net("serviceCIDR", d.service_cidr), node_subnet_length=length,
+        pod_cidr=pod_cidr, service_cidr=service_cidr, node_subnet_length=length,
         underlay_cidr=net("underlayCIDR", d.underlay_cidr), underlay_mtu=mtu,
         proxy_mode=ck.choice(raw.get("proxyMode"), "cluster.proxyMode", PROXY_MODES, d.proxy_mode),
         overlay=ck.choice(raw.get("overlay"), "cluster.overlay", OVERLAYS, d.overlay),
@@ -176,7 +187,7 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
         load_balancer_pool=tuple(pool), bridge=bridge,
         iptables_backend=ck.choice(raw.get("iptablesBackend"), "cluster.iptablesBackend",
                                    IPTABLES_BACKENDS, d.iptables_backend),
-        direct_routing=direct, lease_ttl=ttl, renew_margin=margin, min_sync_period=sync)
+        direct_routing=direct, lease_ttl=ttl, renew_margin=margin, min_sync_period=sync, dns=dns)
 
 
 def _endpoint(value: Any, ck: Checker) -> str | None:
@@ -211,6 +222,33 @@ def _hosts(raw: Any, key: str, ck: Checker, cls: type, required: bool = False) -
         else:
             out.append(ExternalSpec(name or f"<{path}>", address))
     return out
+
+
+def _add_cluster_dns(cluster: Cluster, m: ManifestSet, ck: Checker) -> None:
+    """Add the cluster DNS objects (kube-system/kube-dns, coredns) after the user's, so
+    that they never move a user's pod or address; refuse user objects that take their
+    names or their ClusterIP."""
+    if not cluster.dns:
+        return
+    hint = "netsim runs the cluster DNS there; set cluster.dns: false to run without it"
+    ip = str(cluster_dns.service_ip(cluster.service_cidr))
+    clash = False
+    for kind, objs, name in (("Service", m.services, cluster_dns.SERVICE),
+                             ("Deployment", m.deployments, cluster_dns.DEPLOYMENT)):
+        for o in objs:
+            if (o.namespace, o.name) == (cluster_dns.NAMESPACE, name):
+                ck.error(f"{o.source} {kind} {o.name}: metadata.name",
+                         f"{kind} {cluster_dns.NAMESPACE}/{name} is the cluster DNS", hint)
+                clash = True
+    for svc in m.services:
+        if svc.cluster_ip == ip:
+            ck.error(f"{svc.source} Service {svc.name}: spec.clusterIP",
+                     f"{ip} is the cluster DNS address (kube-system/kube-dns)",
+                     "leave clusterIP unset to have a free one allocated, or set cluster.dns: false")
+            clash = True
+    if not clash:
+        for obj in cluster_dns.manifests(cluster.service_cidr):
+            read_object(obj, cluster_dns.SOURCE, ck, m)
 
 
 def _manifests(raw: Any, base: Path, ck: Checker) -> ManifestSet:

@@ -34,6 +34,7 @@ class Cluster:
     lease_ttl: int = 86400                # flannel subnet lease TTL (seconds)
     renew_margin: int = 3600              # renew when less than this remains
     min_sync_period: float = 1.0          # kube-proxy --min-sync-period (seconds)
+    dns: bool = True                      # the cluster DNS (kube-dns Service, dnsmasq replicas)
 
 
 @dataclass(frozen=True)

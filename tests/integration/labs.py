@@ -73,7 +73,9 @@ def machine_snapshot(lab: str | None = None) -> dict:
     agents = sorted(p for p in os.listdir("/proc") if p.isdigit() and _is_agent(p, files))
     rules = "\n".join(l for l in out(["iptables-nft-save"]).splitlines() if not l.startswith("#"))
     netns = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
+    etc = sorted(os.listdir("/etc/netns")) if os.path.isdir("/etc/netns") else []   # pods' resolv.conf
     return {"netns": [n for n in netns if n.startswith(marker)],
+            "etc_netns": [n for n in etc if n.startswith(marker)],
             "links": links, "agents": agents, "iptables": rules}
 
 

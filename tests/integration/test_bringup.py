@@ -49,7 +49,7 @@ def test_status_and_exec(demo_lab):
     st = status(demo_lab)
     assert st["status"] == "up"
     assert [n["podSubnet"] for n in st["nodes"]] == ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]
-    assert len(st["pods"]) == 12 and all(p["present"] for p in st["pods"])
+    assert len(st["pods"]) == 14 and all(p["present"] for p in st["pods"])   # 12 + 2 cluster DNS
     assert all(n["podServer"] for n in st["nodes"])
     client = next(p for p in st["pods"] if p["name"] == "client")
     out = netsim("exec", "--lab", demo_lab, "client", "--", "ip", "-4", "-o", "addr", "show", "eth0").stdout
@@ -57,7 +57,7 @@ def test_status_and_exec(demo_lab):
     route = netsim("exec", "--lab", demo_lab, "client", "--", "ip", "route").stdout
     assert "default via 10.244.1.1 dev eth0" in route
     bridge = netsim("exec", "--lab", demo_lab, "node-1", "--", "ip", "-d", "link", "show", "master", "cni0").stdout
-    assert bridge.count("hairpin on") == 4            # one port per pod on node-1
+    assert bridge.count("hairpin on") == 5            # one port per pod on node-1 (a coredns replica included)
     assert netsim("exec", "--lab", demo_lab, "node-1", "--", "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
     web = next(p for p in st["pods"] if p["node"] == "node-1" and p["name"].startswith("web-"))
     curl = netsim("exec", "--lab", demo_lab, "client", "--", "curl", "-s", "--max-time", "3",

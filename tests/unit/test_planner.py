@@ -51,7 +51,7 @@ def demo() -> LabPlan:
 def small_yaml(overlay: str = "vxlan", mtu: int = 1500, replicas: int = 2) -> str:
     return f"""
 name: small
-cluster: {{overlay: {overlay}, underlayMTU: {mtu}}}
+cluster: {{overlay: {overlay}, underlayMTU: {mtu}, dns: false}}
 nodes: [n1, n2]
 manifests:
   - apiVersion: apps/v1
@@ -112,7 +112,7 @@ def test_pod_addresses_start_at_dot_2_and_stay_in_their_node_subnet(demo):
         assert ips == [subnet.network_address + 2 + i for i in range(len(ips))]   # in order, no gaps
         assert all(ip in subnet and str(ip) != node.gateway for ip in ips)
     all_ips = [p.ip for p in demo.pods]
-    assert len(all_ips) == len(set(all_ips)) == 12
+    assert len(all_ips) == len(set(all_ips)) == 14       # 12 + the two cluster DNS replicas
 
 
 def test_pod_namespace_has_its_address_and_flannel_cni_routes(demo):
@@ -130,7 +130,7 @@ def test_scheduling_in_the_demo(demo):
     assert placed["client"] == "node-1"                  # nodeName
     assert placed["tools"] == "node-3"                   # nodeSelector zone-b
     per_node = [sum(1 for p in demo.pods if p.node == n.name) for n in demo.nodes]
-    assert per_node == [4, 4, 4]                         # replicas fill in evenly
+    assert per_node == [5, 5, 4]                         # replicas fill in evenly, then coredns
 
 
 # -- links and MTU ------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_every_netns_carries_the_lab_marker(demo):
 
 def test_namespaces_are_built_underlay_nodes_externals_bridges_pods(demo):
     roles = [ns.role for ns in demo.namespaces]
-    assert roles == ["underlay"] + ["node"] * 3 + ["external"] + ["node-cni"] * 3 + ["pod"] * 12
+    assert roles == ["underlay"] + ["node"] * 3 + ["external"] + ["node-cni"] * 3 + ["pod"] * 14
     assert demo.namespaces[0].name == demo.underlay_netns == "netsim.demo.underlay"
     # A node's CNI part (cni0 and the pod veths) lives in the node's own netns.
     assert [ns.name for ns in demo.namespaces if ns.role == "node"] == [
@@ -344,7 +344,7 @@ def test_replanning_without_changes_is_identity(demo):
 def test_scaling_down_keeps_the_remaining_pods(tmp_path, demo):
     after = plan_lab(_demo_with_web_replicas(tmp_path, 2), previous=demo)
     old = {p.key: p for p in demo.pods}
-    assert len(after.pods) == 8
+    assert len(after.pods) == 10
     for pod in after.pods:
         assert (pod.node, pod.ip) == (old[pod.key].node, old[pod.key].ip)
 
@@ -362,7 +362,7 @@ def test_previous_placement_wins_over_a_new_spread():
 
 def _pods_yaml(names: list[str], node_subnet_length: int = 24, pinned: str | None = None) -> str:
     spec = f"nodeName: {pinned}, " if pinned else ""
-    return (f"name: t\ncluster: {{nodeSubnetLength: {node_subnet_length}}}\nnodes: [n1, n2]\nmanifests:\n" + "".join(
+    return (f"name: t\ncluster: {{nodeSubnetLength: {node_subnet_length}, dns: false}}\nnodes: [n1, n2]\nmanifests:\n" + "".join(
         f"  - {{apiVersion: v1, kind: Pod, metadata: {{name: {n}}}, spec: {{{spec}containers: [{{name: c}}]}}}}\n"
         for n in names))
 

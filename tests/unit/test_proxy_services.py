@@ -53,7 +53,8 @@ def eslice(name: str, svc: str, endpoints: list[dict], ports: list[dict], namesp
 
 
 def lab(*objects, cluster: dict | None = None, nodes=("n1", "n2"), externals=()):
-    doc = {"name": "t", "cluster": cluster or {}, "nodes": list(nodes), "externals": list(externals),
+    """A small lab; without the cluster DNS unless ``cluster`` asks for it."""
+    doc = {"name": "t", "cluster": {"dns": False} | (cluster or {}), "nodes": list(nodes), "externals": list(externals),
            "manifests": list(objects)}
     topo = load_text(yaml.safe_dump(doc, sort_keys=False))
     return topo, plan_lab(topo)
@@ -114,15 +115,18 @@ def test_demo_nodeport_and_summary(demo):
     assert 30086 <= lb_port <= 32767
     assert [(p.name, p.port_name, p.protocol) for p in res.ports] == [
         ("echo", "tcp", "TCP"), ("echo", "udp", "UDP"), ("web", "http", "TCP"), ("web-lb", "http", "TCP"),
-        ("web-nodeport", "http", "TCP")]
+        ("web-nodeport", "http", "TCP"),
+        ("kube-dns", "dns", "UDP"), ("kube-dns", "dns-tcp", "TCP"), ("kube-dns", "metrics", "TCP")]
     # MetalLB style: the first usable address of the pool (not its network address).
     assert res.lb_ips == {"default/web-lb": "192.168.100.241"} and res.warnings == ()
     assert res.port("default", "web-lb", "http", "TCP").external_policy_local
     cidr = topo.cluster.service_cidr
-    for ip in res.cluster_ips.values():
+    ips = dict(res.cluster_ips)
+    assert ips.pop("kube-system/kube-dns") == "10.96.0.10"                  # the cluster DNS
+    for ip in ips.values():
         assert IPv4Address(ip) in cidr
         assert int(IPv4Address(ip)) - int(cidr.network_address) > 256      # dynamic band
-    assert len(set(res.cluster_ips.values())) == 4
+    assert len(set(ips.values())) == 4
 
 
 def test_resolve_is_deterministic(demo):

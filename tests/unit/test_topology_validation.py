@@ -27,6 +27,15 @@ UPDATE = os.environ.get("NETSIM_UPDATE_GOLDEN") == "1"
 CASES = sorted(p.stem for p in ERRORS.glob("*.yaml"))
 
 
+def user_pods(topo: Topology) -> list:
+    """The pods a topology asked for, without the cluster DNS replicas netsim adds."""
+    return [p for p in topo.pods if p.source != "cluster.dns"]
+
+
+def user_services(topo: Topology) -> list:
+    return [s for s in topo.services if s.source != "cluster.dns"]
+
+
 def problems_of(text: str, base_dir: Path | str = ".") -> list[str]:
     """The problem lines ``text`` produces; fails if it loads."""
     with pytest.raises(TopologyError) as info:
@@ -149,7 +158,7 @@ def test_manifest_path_is_relative_to_the_topology(tmp_path):
     (tmp_path / "apps" / "pod.yaml").write_text(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c}]}\n")
     (tmp_path / "lab.yaml").write_text("name: lab\nnodes: [n1]\nmanifests: [apps/pod.yaml]\n")
-    assert [p.name for p in load(tmp_path / "lab.yaml").pods] == ["p"]
+    assert [p.name for p in user_pods(load(tmp_path / "lab.yaml"))] == ["p"]
 
 
 def test_nodes_given_as_plain_names_or_mappings():
@@ -186,7 +195,7 @@ manifests:
       selector: {matchLabels: {app: web}}
       template: {metadata: {labels: {app: web}}, spec: {containers: [{name: c}]}}
 """
-    names = [p.name for p in load_text(text).pods]
+    names = [p.name for p in user_pods(load_text(text))]
     assert len(names) == len(set(names)) == 6000
 
 
@@ -198,15 +207,16 @@ def test_demo_topology_loads():
     assert topo.name == "demo"
     assert [n.name for n in topo.nodes] == ["node-1", "node-2", "node-3"]
     assert [e.name for e in topo.externals] == ["ext-client"]
-    assert len(topo.pods) == 12
-    assert sorted(s.name for s in topo.services) == ["echo", "web", "web-lb", "web-nodeport"]
-    assert sorted((d.name, d.replicas) for d in topo.deployments) == [("echo", 4), ("web", 6)]
+    assert len(topo.pods) == 14
+    assert sorted(s.name for s in topo.services) == ["echo", "kube-dns", "web", "web-lb", "web-nodeport"]
+    assert sorted((d.name, d.replicas) for d in topo.deployments) == [("coredns", 2), ("echo", 4), ("web", 6)]
+    assert [(p.namespace, p.owner) for p in topo.pods[-2:]] == [("kube-system", "Deployment/coredns")] * 2
     by_owner: dict = {}
-    for pod in topo.pods:
+    for pod in user_pods(topo):
         by_owner[pod.owner] = by_owner.get(pod.owner, 0) + 1
     assert by_owner == {None: 2, "Deployment/web": 6, "Deployment/echo": 4}
     # Manifests come from a multi-document file plus one inline object.
-    assert {p.source for p in topo.pods} == {"manifests[0] (manifests/demo-apps.yaml#0)",
+    assert {p.source for p in user_pods(topo)} == {"manifests[0] (manifests/demo-apps.yaml#0)",
                                              "manifests[0] (manifests/demo-apps.yaml#1)",
                                              "manifests[0] (manifests/demo-apps.yaml#2)",
                                              "manifests[1]"}
@@ -240,8 +250,8 @@ metadata: {name: a}
 spec: {selector: {app: a}, ports: [{port: 80}]}
 """)
     topo = load_text("name: lab\nnodes: [n1]\nmanifests: [apps.yaml]\n", base_dir=tmp_path)
-    assert [p.name for p in topo.pods] == ["a"]
-    assert [s.name for s in topo.services] == ["a"]
+    assert [p.name for p in user_pods(topo)] == ["a"]
+    assert [s.name for s in user_services(topo)] == ["a"]
     assert topo.services[0].ports[0].target_port == 80          # defaults to port
 
 
@@ -257,8 +267,8 @@ manifests:
       - {apiVersion: v1, kind: Service, metadata: {name: s}, spec: {ports: [{port: 80}]}}
 """
     topo = load_text(text)
-    assert [p.name for p in topo.pods] == ["a"]
-    assert [s.name for s in topo.services] == ["s"]
+    assert [p.name for p in user_pods(topo)] == ["a"]
+    assert [s.name for s in user_services(topo)] == ["s"]
     assert topo.pods[0].source == "manifests[0].items[0]"
 
 
@@ -284,7 +294,7 @@ manifests:
           ports: [{containerPort: 80, name: http}]
     status: {phase: Running}
 """
-    (pod,) = load_text(text).pods
+    (pod,) = user_pods(load_text(text))
     assert [(p.port, p.protocol, p.name) for p in pod.ports] == [(80, "TCP", "http")]
 
 
@@ -296,7 +306,7 @@ manifests:
   - {apiVersion: v1, kind: Pod, metadata: {name: a}, spec: {containers: [{name: c}]}}
   - {apiVersion: v1, kind: Pod, metadata: {name: a, namespace: other}, spec: {containers: [{name: c}]}}
 """
-    assert sorted((p.namespace, p.name) for p in load_text(text).pods) == [("default", "a"), ("other", "a")]
+    assert sorted((p.namespace, p.name) for p in user_pods(load_text(text))) == [("default", "a"), ("other", "a")]
 
 
 def test_node_port_may_repeat_across_protocols():
@@ -307,7 +317,7 @@ manifests:
   - {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {type: NodePort, ports: [{port: 53, nodePort: 30053}]}}
   - {apiVersion: v1, kind: Service, metadata: {name: b}, spec: {type: NodePort, ports: [{port: 53, protocol: UDP, nodePort: 30053}]}}
 """
-    assert len(load_text(text).services) == 2
+    assert len(user_services(load_text(text))) == 2
 
 
 # -- structurally wrong input never escapes as another exception ------------------
