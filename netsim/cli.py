@@ -40,7 +40,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("topology")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness (default 60)")
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.add_argument("--kernel", choices=("auto", "host", "uml"), default="auto",
+                   help="host kernel, a user-mode Linux guest, or auto (UML only when the host lacks a feature)")
     s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("run", help="batch: bring a topology up, selftest it, tear it down (host or UML kernel)")
+    s.add_argument("topology")
+    s.add_argument("--kernel", choices=("auto", "host", "uml"), default="auto")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness (default 60)")
+    s.add_argument("--max-time", type=float, default=900.0, help="UML: stop the guest after this many seconds")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("kernel", help="kernel features; run commands in a user-mode Linux guest")
+    ksub = s.add_subparsers(dest="kernel_command", required=True, metavar="ACTION")
+    k = ksub.add_parser("check", help="what the host and UML kernels have, and what a topology needs")
+    k.add_argument("topology", nargs="?")
+    k.set_defaults(func=cmd_kernel_check)
+    k = ksub.add_parser("run", help="run one command in one UML boot: netsim kernel run -- CMD...")
+    k.add_argument("--timeout", type=float, default=None, help="stop the guest after this many seconds")
+    k.add_argument("--mem", default="1G", help="guest memory (default 1G)")
+    k.add_argument("cmd", nargs=argparse.REMAINDER)
+    k.set_defaults(func=cmd_kernel_run)
 
     s = sub.add_parser("down", help="tear a lab down, leaving nothing behind")
     s.add_argument("lab", nargs="?", help="lab name (default: the only lab up)")
@@ -159,6 +179,7 @@ def cmd_up(args) -> int:
 
     topo = load(args.topology)
     _need_root()
+    _check_kernel_for_up(topo, args.kernel)
     _interrupt_on_term()
     report = applier.up(plan_lab(topo), os.path.abspath(args.topology), args.timeout,
                         replan=lambda subnets: plan_lab(topo, subnets=subnets),
@@ -171,6 +192,36 @@ def cmd_up(args) -> int:
         print(f"\nlab {topo.name} is up in {report.seconds:.2f}s; every pod answered. "
               f"Try: netsim exec {report.plan.nodes[0].name} -- ip route; netsim down {topo.name}")
     return 0
+
+
+def _check_kernel_for_up(topo, kernel: str) -> None:
+    from .kernel.commands import choose
+    d = choose(topo, kernel)
+    if d.kernel == "uml":
+        raise NetsimError(f"{d.reason.split(';')[0]}; 'netsim up' runs labs on the host kernel only: "
+                          f"run it with 'netsim run {topo.source or topo.name}', which brings it up, "
+                          "selftests and tears it down inside a user-mode Linux kernel")
+
+
+def cmd_run(args) -> int:
+    from .kernel.commands import run_topology
+    _need_root()
+    return run_topology(args.topology, args.kernel, args.timeout, args.max_time)
+
+
+def cmd_kernel_check(args) -> int:
+    from .kernel.commands import check_text
+    from .topology import load
+    text, rc = check_text(load(args.topology) if args.topology else None)
+    print(text)
+    return rc
+
+
+def cmd_kernel_run(args) -> int:
+    from .kernel.commands import kernel_run
+    _need_root()
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return kernel_run(command, args.timeout, args.mem)
 
 
 def cmd_down(args) -> int:

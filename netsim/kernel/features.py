@@ -132,6 +132,8 @@ def host_features(runner=run_probes) -> Features:
     """Probe the host kernel (needs root; without it every feature reads as missing)."""
     names = list(FEATURES)
     release = os.uname().release
+    if os.environ.get("NETSIM_IN_UML") == "1":
+        release = f"{release}, the UML guest's"
     if os.geteuid() != 0:
         return Features(f"host {release}", {n: False for n in names}, "not probed: needs root")
     try:
