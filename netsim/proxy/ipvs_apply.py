@@ -32,6 +32,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -74,6 +75,7 @@ class Backend:
                  **options: str):
         self.node = replace(node, ipvs_scheduler=scheduler or node.ipvs_scheduler,
                             ipvs_strict_arp=_truthy(strict_arp, node.ipvs_strict_arp))
+        self.iptables_backend = iptables_backend
         self.iptables, self.restore, self.save = BINARIES[iptables_backend]
         self.graceful_period = float(graceful_period) if graceful_period else 60.0
         self.grace = float(grace) if grace else None
@@ -210,19 +212,20 @@ class Backend:
                     raise SyncFailed(f"{self.iptables} -t {table} -I {chain}: {done.stderr.strip()}")
 
     # -- virtual and real servers ----------------------------------------------------------
-    def current_servers(self) -> dict[tuple, dict]:
+    def current_servers(self, ipvs=None) -> dict[tuple, dict]:
         """The kernel's virtual servers: key → {"svc": IPVSService, "sched", "flags", "timeout",
         "dests": {"ip:port": (weight, active, inactive)}}."""
         from pyroute2 import IPVSDest, IPVSService
+        ipvs = ipvs or self.ipvs
         out = {}
-        for msg in self.ipvs.service("dump"):
+        for msg in ipvs.service("dump"):
             svc = IPVSService.from_message(msg)
             if svc.get("IPVS_SVC_ATTR_AF") != socket.AF_INET or "addr" not in svc:
                 continue                          # fwmark or IPv6 services: not ours
             proto = PROTOCOL_NAMES.get(svc.get("IPVS_SVC_ATTR_PROTOCOL"), "?")
             key = (proto, svc["addr"], svc.get("IPVS_SVC_ATTR_PORT"))
             dests = {}
-            for d in self.ipvs.dest("dump", service=svc):
+            for d in ipvs.dest("dump", service=svc):
                 dest = IPVSDest.from_message(d)
                 dests[f"{dest['addr']}:{dest.get('IPVS_DEST_ATTR_PORT')}"] = (
                     dest.get("IPVS_DEST_ATTR_WEIGHT", 0), dest.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0),
@@ -294,13 +297,14 @@ class Backend:
         self.draining[(key, addr)] = now
         return 1
 
-    def check_draining(self) -> int:
+    def check_draining(self, ipvs=None) -> int:
         """Delete the weight-0 real servers that have no connections left (or whose grace ran
-        out); returns how many were deleted."""
+        out); returns how many were deleted. ``ipvs``: the caller thread's own socket."""
         if not self.draining:
             return 0
+        ipvs = ipvs or self.ipvs
         with self._lock:
-            current = self.current_servers()
+            current = self.current_servers(ipvs)
             n = 0
             now = time.monotonic()
             for (key, addr), since in list(self.draining.items()):
@@ -311,17 +315,21 @@ class Backend:
                     continue
                 expired = self.grace is not None and now - since >= self.grace
                 if dest[1] + dest[2] == 0 or expired:
-                    self.ipvs.dest("del", service=self._service(key), dest=self._dest(addr))
+                    ipvs.dest("del", service=self._service(key), dest=self._dest(addr))
                     del self.draining[(key, addr)]
                     n += 1
             return n
 
     def _graceful_loop(self) -> None:
-        while not self._stop.wait(self.graceful_period):
-            try:
-                self.check_draining()
-            except Exception:                       # the next sync reports kernel trouble
-                pass
+        """upstream re-checks its graceful-termination list every minute; a pyroute2 socket
+        belongs to the thread that made it, so this thread opens its own (in the same netns)."""
+        from pyroute2 import IPVS
+        with IPVS() as ipvs:
+            while not self._stop.wait(self.graceful_period):
+                try:
+                    self.check_draining(ipvs)
+                except Exception as exc:            # reported; the next sync shows kernel trouble
+                    print(f"kube-proxy: graceful termination check failed: {exc}", file=sys.stderr, flush=True)
 
     # -- cleanup (kube-proxy --cleanup for IPVS mode) -----------------------------------------
     def cleanup(self) -> str:

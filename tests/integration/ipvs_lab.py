@@ -29,7 +29,7 @@ def ipvs_missing() -> str:
     missing = [line.split()[0] for line in out.splitlines() if line.split()[1:] != ["0"]]
     if missing:
         return (f"needs a kernel with IPVS, dummy links and ipset (missing: {', '.join(missing)}); "
-                "run in user-mode Linux: python -m netsim.kernel.uml_pytest tests/integration/test_ipvs_kernel.py")
+                "run in user-mode Linux: netsim kernel run -- python -m pytest tests/integration/test_ipvs_kernel.py")
     return ""
 
 
@@ -92,6 +92,8 @@ class PodServer:
         while True:
             try:
                 _, peer = self.udp.recvfrom(512)
+                if peer is None:                  # shut down
+                    return
                 self.udp.sendto(f"{self.name} {peer[0]}".encode(), peer)
             except OSError:
                 return
