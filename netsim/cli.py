@@ -282,7 +282,8 @@ def cmd_proxy_render(args) -> int:
     res = resolve(topo, plan)
     for w in res.warnings:
         print(f"# warning: {w}", file=sys.stderr)
-    print(render_text(args.mode, res.ports, NodeContext(node.name, (node.address,), plan.pod_cidr)), end="")
+    ctx = NodeContext(node.name, (node.address,), plan.pod_cidr, ipvs_scheduler=plan.ipvs_scheduler)
+    print(render_text(args.mode, res.ports, ctx), end="")
     return 0
 
 

@@ -40,3 +40,15 @@ def test_demo_etp_local_lb_uses_only_the_nodes_own_endpoints(capsys, node, subne
     reals = [l.split()[4] for l in out.splitlines() if l.startswith(f"-a -t {lb_ip}:{port} ")]
     assert reals and all(r.startswith(subnet) for r in reals)
     assert f"add KUBE-IPVS-IPS {lb_ip}" in out
+
+
+def test_topology_scheduler_reaches_the_rendered_virtual_servers(capsys, tmp_path):
+    topo = (REPO / "topologies" / "demo.yaml").read_text().replace("proxyMode: iptables",
+                                                                  "proxyMode: ipvs\n  ipvsScheduler: sh")
+    (tmp_path / "manifests").symlink_to(REPO / "topologies" / "manifests")
+    (tmp_path / "demo.yaml").write_text(topo)
+    assert main(["proxy", "render", str(tmp_path / "demo.yaml"), "--node", "node-1", "--mode", "ipvs"]) == 0
+    out = capsys.readouterr().out
+    heads = [line for line in out.splitlines() if line.startswith("-A ")]
+    assert heads and all(" -s sh" in line for line in heads)
+    assert "scheduler sh" in out.splitlines()[0]
