@@ -49,6 +49,6 @@ def test_topology_scheduler_reaches_the_rendered_virtual_servers(capsys, tmp_pat
     (tmp_path / "demo.yaml").write_text(topo)
     assert main(["proxy", "render", str(tmp_path / "demo.yaml"), "--node", "node-1", "--mode", "ipvs"]) == 0
     out = capsys.readouterr().out
-    heads = [line for line in out.splitlines() if line.startswith("-A ")]
+    heads = [line for line in out.splitlines() if line.startswith(("-A -t ", "-A -u "))]
     assert heads and all(" -s sh" in line for line in heads)
     assert "scheduler sh" in out.splitlines()[0]
