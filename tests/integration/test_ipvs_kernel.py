@@ -140,6 +140,12 @@ def test_unchanged_resync_writes_nothing(lab):
     with inside(NODE):
         want = render(services(), replace(CTX, node_ips=lab.local_addresses()))
     assert result.written == 0 and result.rules == len(want.virtual_servers) + want.real_server_count
+    # each jump from a built-in chain is there exactly once, after several full syncs
+    with inside(NODE):
+        assert lab.ensure_jumps() == 0
+    saved = sh(lab.save, ns=NODE).stdout.splitlines()
+    for comment in ("kubernetes service portals", "kubernetes ipvs access filter", "kube-proxy firewall rules"):
+        assert sum(1 for line in saved if f'"{comment}"' in line and line.startswith("-A ")) == 2
 
 
 # -- traffic -------------------------------------------------------------------------------------
