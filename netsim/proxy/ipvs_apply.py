@@ -53,7 +53,7 @@ IPVS_ONLY_CHAINS = {"nat": ("KUBE-NODE-PORT", "KUBE-LOAD-BALANCER"),
                     "filter": ("KUBE-NODE-PORT", "KUBE-SOURCE-RANGES-FIREWALL", "KUBE-IPVS-FILTER",
                                "KUBE-IPVS-OUT-FILTER")}
 NO_IPVS = ("this kernel has no IPVS (ip_vs module); run the lab in user-mode Linux "
-           "(netsim up --kernel uml) or on a kernel with ip_vs")
+           "(netsim run TOPOLOGY, or netsim kernel run -- CMD) or on a kernel with ip_vs")
 
 
 def kernel_version() -> tuple[int, int]:
