@@ -81,13 +81,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("lab", nargs="?")
     s.set_defaults(func=cmd_shell)
 
-    s = sub.add_parser("proxy", help="kube-proxy: render a node's ruleset without root")
+    s = sub.add_parser("proxy", help="kube-proxy: render a node's ruleset without root, switch a lab's mode")
     psub = s.add_subparsers(dest="proxy_command", required=True, metavar="ACTION")
     r = psub.add_parser("render", help="print the rules kube-proxy would program on a node")
     r.add_argument("topology")
     r.add_argument("--node", required=True)
     r.add_argument("--mode", choices=("iptables", "ipvs", "nftables"), default="iptables")
     r.set_defaults(func=cmd_proxy_render)
+    m = psub.add_parser("mode", help="switch a running lab's kube-proxy mode (rolling agent restart)")
+    m.add_argument("mode", choices=("iptables", "ipvs", "nftables"))
+    m.add_argument("--lab", "-l")
+    m.add_argument("--timeout", type=float, default=30.0)
+    m.set_defaults(func=cmd_proxy_mode)
 
     s = sub.add_parser("apply", help="create or update Kubernetes objects on a running lab")
     s.add_argument("-f", "--filename", required=True)
@@ -282,8 +287,25 @@ def cmd_proxy_render(args) -> int:
     res = resolve(topo, plan)
     for w in res.warnings:
         print(f"# warning: {w}", file=sys.stderr)
-    ctx = NodeContext(node.name, (node.address,), plan.pod_cidr, ipvs_scheduler=plan.ipvs_scheduler)
+    ctx = NodeContext(node.name, (node.address,), plan.pod_cidr, service_cidrs=(plan.service_cidr,),
+                      ipvs_scheduler=plan.ipvs_scheduler)
     print(render_text(args.mode, res.ports, ctx), end="")
+    return 0
+
+
+def cmd_proxy_mode(args) -> int:
+    from .apply import labstate, proxymode
+    _need_root()
+    lab = labstate.resolve_lab(args.lab)
+    report = proxymode.switch(lab, args.mode, args.timeout)
+    if report.old == report.new:
+        print(f"lab {lab} already runs kube-proxy in {report.new} mode; nothing to do")
+        return 0
+    print(f"lab {lab}: kube-proxy switched from {report.old} to {report.new} mode on "
+          f"{len(report.cleaned)} nodes in {report.seconds:.2f}s")
+    for node, cleaned in report.cleaned.items():
+        removed = "; ".join(f"{m}: {what}" for m, what in cleaned.items() if what != "nothing") or "nothing left"
+        print(f"  {node}: removed {removed}")
     return 0
 
 

@@ -47,7 +47,8 @@ class Stop(Exception):
 class Proxier:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.node = NodeContext(args.node, tuple(args.node_ip), args.pod_cidr)
+        self.node = NodeContext(args.node, tuple(args.node_ip), args.pod_cidr,
+                                service_cidrs=tuple(args.service_cidr))
         self.options = dict(o.split("=", 1) for o in args.backend_opt)
         self.backend = backend_class(args.mode)(self.node, args.iptables_backend, **self.options)
         self.services: dict[str, list[ServicePort]] = {}      # registry key → ports
@@ -142,6 +143,7 @@ class Proxier:
             except Exception as exc:           # a mode the kernel cannot run leaves nothing
                 log(f"cleanup of {mode} mode skipped: {type(exc).__name__}: {exc}")
                 continue
+            self.status.setdefault("cleanup", {})[mode] = removed
             if removed and removed != "nothing":
                 log(f"removed {mode} mode leftovers: {removed}")
 
@@ -223,6 +225,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--node", required=True)
     p.add_argument("--node-ip", action="append", required=True)
     p.add_argument("--pod-cidr", required=True, help="cluster CIDR: the local-traffic detector")
+    p.add_argument("--service-cidr", action="append", default=[], help="the Service CIDR (repeatable)")
     p.add_argument("--iface", default="eth0", help="the uplink, where LoadBalancer IPs are announced")
     p.add_argument("--mode", choices=MODES, default="iptables", help="proxy mode (kube-proxy --proxy-mode)")
     p.add_argument("--iptables-backend", choices=("nft", "legacy"), default="nft")

@@ -166,7 +166,8 @@ def start_kubeproxy(plan: LabPlan, node: str, url: str, st: LabState) -> Process
     d.mkdir(exist_ok=True)
     (d / f"{node}.ready").unlink(missing_ok=True)
     args = [sys.executable, "-m", "netsim.agents.kubeproxy", "--registry", url, "--node", node,
-            "--node-ip", n.address, "--pod-cidr", plan.pod_cidr, "--iface", naming.UPLINK,
+            "--node-ip", n.address, "--pod-cidr", plan.pod_cidr,
+            "--service-cidr", plan.service_cidr, "--iface", naming.UPLINK,
             "--mode", plan.proxy_mode, "--iptables-backend", plan.iptables_backend, "--min-sync-period", str(plan.min_sync_period),
             "--status-file", str(d / f"{node}.json"), "--ready-file", str(d / f"{node}.ready")]
     if plan.proxy_mode == "ipvs":
