@@ -12,8 +12,13 @@ USAGE_EXIT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     try:
+        from .kernel import guestlab
+        guest = guestlab.target(args)
+        if guest is not None:               # the lab runs in a UML guest: same command, in there
+            return guestlab.forward(guest, args, argv)
         return args.func(args) or 0
     except TopologyError as err:
         print(f"netsim: invalid topology: {err}", file=sys.stderr)
@@ -184,7 +189,9 @@ def cmd_up(args) -> int:
 
     topo = load(args.topology)
     _need_root()
-    _check_kernel_for_up(topo, args.kernel)
+    if _kernel_for_up(topo, args.kernel) == "uml":
+        from .kernel import guestlab
+        return guestlab.up(args.topology, topo.name, args.timeout, args.output)
     _interrupt_on_term()
     report = applier.up(plan_lab(topo), os.path.abspath(args.topology), args.timeout,
                         replan=lambda subnets: plan_lab(topo, subnets=subnets),
@@ -199,13 +206,16 @@ def cmd_up(args) -> int:
     return 0
 
 
-def _check_kernel_for_up(topo, kernel: str) -> None:
+def _kernel_for_up(topo, kernel: str) -> str:
+    """host or uml; says why when the lab goes into a user-mode Linux guest."""
+    from .kernel import guestlab
     from .kernel.commands import choose
+    if guestlab.load(topo.name):
+        raise NetsimError(f"lab {topo.name!r} is already up in a UML guest; run 'netsim down {topo.name}' first")
     d = choose(topo, kernel)
     if d.kernel == "uml":
-        raise NetsimError(f"{d.reason.split(';')[0]}; 'netsim up' runs labs on the host kernel only: "
-                          f"run it with 'netsim run {topo.source or topo.name}', which brings it up, "
-                          "selftests and tears it down inside a user-mode Linux kernel")
+        print(f"netsim: {d.reason}", file=sys.stderr)
+    return d.kernel
 
 
 def cmd_run(args) -> int:
@@ -393,8 +403,11 @@ def cmd_selftest(args) -> int:
 
 def cmd_clean(args) -> int:
     from .apply import lab as applier
+    from .kernel import guestlab
     _need_root()
-    removed = applier.clean(args.lab)
+    removed = guestlab.clean(args.lab)
+    if not (args.lab and removed):
+        removed += applier.clean(args.lab)
     print(f"removed: {', '.join(removed)}" if removed else "nothing to clean")
     return 0
 

@@ -96,6 +96,9 @@ def guest_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         "HOME": os.environ.get("HOME", "/root"), "TMPDIR": "/run/netsim-uml/tmp",
         "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", IN_GUEST_ENV: "1",
     }
+    if not sys.stdout.isatty():                 # the guest console is a tty; the host's output is not
+        env["NO_COLOR"] = env["PY_COLORS"] = "0"
+        env["NO_COLOR"] = "1"
     for key in PASS_ENV:
         if key in os.environ:
             env[key] = os.environ[key]
@@ -219,6 +222,46 @@ class _Terminate(Exception):
     pass
 
 
+def prepare(command: Sequence[str], cwd: str | None = None, env: dict[str, str] | None = None,
+            modules: Sequence[str] = MODULES, tmp: Path | None = None) -> Path:
+    """A fresh run directory holding the guest's init script; its result file goes there too."""
+    binary, release = uml_binary(), uml_release()
+    if not binary or not release:
+        raise GuestError(f"user-mode Linux is not installed ({INSTALL_UML})")
+    if os.geteuid() != 0:
+        raise GuestError("running a UML guest needs root (its netsim labs program network namespaces)")
+    sweep_stale()
+    tmp = tmp or new_run_dir()
+    init = tmp / "init"
+    init.write_text(init_script(list(command), cwd or os.getcwd(), str(tmp / "result"),
+                                available_modules(modules, release), guest_env(env)))
+    init.chmod(0o755)
+    return tmp
+
+
+def new_run_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+
+
+def spawn(tmp: Path, stdout, mem: str = DEFAULT_MEM, detached: bool = False) -> subprocess.Popen:
+    """Start linux.uml on ``tmp``'s init in its own process group. Unless ``detached``, the
+    guest gets SIGTERM when this process dies (even by SIGKILL). The run directory's
+    ``owner`` file names the process whose death makes the directory stale."""
+    uml_env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TMP", "TEMP")}
+    umid = f"netsim-{os.getpid()}-{secrets.token_hex(3)}"
+    proc = subprocess.Popen(uml_command(uml_binary(), tmp, umid, mem), stdin=subprocess.DEVNULL,
+                            stdout=stdout, stderr=subprocess.STDOUT, env=uml_env, start_new_session=True,
+                            preexec_fn=None if detached else _pdeathsig)
+    (tmp / "owner").write_text(f"{proc.pid if detached else os.getpid()}\n")
+    return proc
+
+
+def mconsole_path(tmp: Path) -> Path | None:
+    """The guest's management console socket (uml_dir/<umid>/mconsole)."""
+    found = list((tmp / "uml").glob("*/mconsole"))
+    return found[0] if found else None
+
+
 def run(command: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
         timeout: float | None = None, mem: str = DEFAULT_MEM, modules: Sequence[str] = MODULES,
         output: BinaryIO | None = None, boot_timeout: float = BOOT_TIMEOUT) -> Result:
@@ -228,34 +271,19 @@ def run(command: Sequence[str], *, cwd: str | None = None, env: dict[str, str] |
     GuestTimeout when ``timeout`` (the whole run) passes, and re-raises KeyboardInterrupt
     (also for SIGTERM/SIGHUP) after the guest is stopped. Nothing is left behind.
     """
-    binary, release = uml_binary(), uml_release()
-    if not binary or not release:
-        raise GuestError(f"user-mode Linux is not installed ({INSTALL_UML})")
-    if os.geteuid() != 0:
-        raise GuestError("running a UML guest needs root (its netsim labs program network namespaces)")
     output = output or sys.stdout.buffer
-    sweep_stale()
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
-    (tmp / "owner").write_text(f"{os.getpid()}\n")
-    result_file = tmp / "result"
-    init = tmp / "init"
-    init.write_text(init_script(list(command), cwd or os.getcwd(), str(result_file),
-                                available_modules(modules, release), guest_env(env)))
-    init.chmod(0o755)
+    tmp = prepare(command, cwd, env, modules)
     restore = _trap_termination()
     proc = None
     t0 = time.monotonic()
     try:
-        uml_env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TMP", "TEMP")}
-        proc = subprocess.Popen(uml_command(binary, tmp, f"netsim-{os.getpid()}-{secrets.token_hex(3)}", mem),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=uml_env, start_new_session=True, preexec_fn=_pdeathsig)
+        proc = spawn(tmp, subprocess.PIPE, mem)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         rc, boot_s = _follow(proc, lines, output, t0, timeout, boot_timeout, command)
         if rc is None:
             try:
-                rc = int(result_file.read_text())
+                rc = int((tmp / "result").read_text())
             except (OSError, ValueError):
                 raise GuestError("the UML guest ended without reporting the command's exit status") from None
         return Result(rc, boot_s, time.monotonic() - t0)

@@ -151,10 +151,12 @@ def test_check_text_lists_features_needs_and_verdict():
     assert rc == 1 and "apt-get install user-mode-linux" in text
 
 
-def test_up_of_a_topology_needing_uml_says_how_to_run_it(monkeypatch, capsys):
+def test_up_on_the_host_kernel_without_ipvs_says_how_to_run_it(monkeypatch, capsys):
     from netsim import cli
     monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(commands, "choose", lambda t, k: decide.Decision("uml", "this kernel has no IPVS (ip_vs); x"))
-    assert cli.main(["up", str(REPO / "topologies" / "demo.yaml")]) == 1
+    monkeypatch.setattr(features, "host_features", lambda: THIS_HOST)
+    monkeypatch.setattr(features, "uml_features", lambda: UML)
+    monkeypatch.setattr(features, "needs", lambda t: [features.Need("ip_vs", "proxyMode: ipvs")])
+    assert cli.main(["up", str(REPO / "topologies" / "demo.yaml"), "--kernel", "host"]) == 1
     err = capsys.readouterr().err
-    assert "no IPVS (ip_vs)" in err and "netsim run" in err and "user-mode Linux" in err
+    assert "has no IPVS (ip_vs) [proxyMode: ipvs]" in err and "--kernel uml" in err
