@@ -141,10 +141,9 @@ def test_icmp_to_a_clusterip_gets_no_answer(lab, mode):
 
 def test_service_without_endpoints_is_refused_at_once(lab, mode):
     ip = services(lab)["cluster_ips"]["default/empty"]
-    t0 = time.monotonic()
     done = run(lab, "client", "curl", "-s", "--max-time", "5", f"http://{ip}/", check=False)
-    assert done.returncode == 7                              # connection refused (REJECT)
-    assert time.monotonic() - t0 < 2.0
+    # refused (REJECT, or IPVS with no real server): curl exit 7; a drop would be 28 at --max-time
+    assert done.returncode == 7
     if mode == "nftables":
         elements = run(lab, "n1", "nft", "list", "map", "ip", "kube-proxy", "no-endpoint-services").stdout
         assert f'{ip} . tcp . 80 comment "default/empty" : goto reject-chain' in elements
