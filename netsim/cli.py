@@ -167,6 +167,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warn(warnings) -> None:
+    """Problems Kubernetes accepts (a selector matching nothing, an undeclared port name), as
+    kubectl prints them: one ``Warning:`` line each, on stderr."""
+    for w in warnings:
+        print(f"Warning: {w}", file=sys.stderr)
+
+
 def _need_root() -> None:
     if os.geteuid() != 0:
         raise NetsimError("this command programs network namespaces and needs root (try sudo)")
@@ -197,6 +204,9 @@ def cmd_up(args) -> int:
                         replan=lambda subnets: plan_lab(topo, subnets=subnets),
                         objects=expand(args.topology), topology=topo)
     st = LabState.load(topo.name)
+    from .apply.services import load_resolution
+    res = load_resolution(topo.name)
+    _warn(res.warnings if res else ())
     if args.output == "json":
         print(as_json(dict(status_dict(report.plan, st), upSeconds=round(report.seconds, 3))))
     else:
@@ -295,8 +305,7 @@ def cmd_proxy_render(args) -> int:
     if node is None:
         raise NetsimError(f"no node {args.node!r} in {args.topology} (nodes: {', '.join(n.name for n in plan.nodes)})")
     res = resolve(topo, plan)
-    for w in res.warnings:
-        print(f"# warning: {w}", file=sys.stderr)
+    _warn(res.warnings)
     ctx = NodeContext(node.name, (node.address,), plan.pod_cidr, service_cidrs=(plan.service_cidr,),
                       ipvs_scheduler=plan.ipvs_scheduler)
     print(render_text(args.mode, res.ports, ctx), end="")
@@ -329,6 +338,9 @@ def cmd_apply(args) -> int:
     else:
         doc, touched = changes.merge(doc, changes.read_file(args.filename), delete=args.command == "delete")
     result = changes.change(lab, doc, touched)
+    # like kubectl, warn about the objects of this change only
+    names = {f"Service {t.rsplit('/', 1)[-1]}:" for t in touched if t.startswith("Service ")}
+    _warn(w for w in result.warnings if any(n in w.path for n in names))
     verb = {"apply": "applied", "delete": "deleted", "scale": "scaled"}[args.command]
     print(f"{verb}: {', '.join(touched)}; pods +{len(result.added)} -{len(result.removed)}"
           + (f"; {result.services_changed} Services reprogrammed on every node in "
@@ -413,8 +425,11 @@ def cmd_clean(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from .plan.lab import plan_lab
+    from .proxy.services import resolve
     from .topology import load
     topo = load(args.topology)
+    _warn(resolve(topo, plan_lab(topo)).warnings)
     print(f"{args.topology}: ok — lab {topo.name}, {len(topo.nodes)} nodes, {len(topo.externals)} externals, "
           f"{len(topo.pods)} pods, {len(topo.services)} services")
     return 0

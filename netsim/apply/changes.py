@@ -38,6 +38,7 @@ class Change:
     objects: list[str]          # "Kind ns/name" changed
     programming_s: float = 0.0  # Services written → rules in every node's kernel
     services_changed: int = 0
+    warnings: tuple = ()        # what Kubernetes accepts but would warn about
 
 
 # -- the desired-objects document ---------------------------------------------------
@@ -151,7 +152,7 @@ def change(lab: str, doc: dict, touched: list[str], timeout: float = 30.0) -> Ch
     result = Change(new, topo, added, removed, touched)
     from .services import publish, wait_programmed
     res, keys, since = publish(lab, topo, new)
-    result.services_changed = len(keys)
+    result.services_changed, result.warnings = len(keys), res.warnings
     if keys:
         result.programming_s = wait_programmed(lab, new, res, keys, since, timeout)
     return result

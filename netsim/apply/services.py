@@ -88,7 +88,11 @@ def wait_programmed(lab: str, plan: LabPlan, res: Resolution, keys: set[str], si
         return all(done(proxy_status(lab, n.name).get("programmed", {}), k) for n in plan.nodes for k in keys)
 
     wait_for(synced, f"every node's kube-proxy to program {len(keys)} changed Services", timeout)
-    latencies = [prog[k]["programmed_at"] - prog[k]["written_at"]
-                 for n in plan.nodes for prog in [proxy_status(lab, n.name).get("programmed", {})]
-                 for k in keys if k in prog]
+    latencies = []
+    for n in plan.nodes:
+        st = proxy_status(lab, n.name)
+        prog, removed = st.get("programmed", {}), st.get("removed", {})
+        # a deleted Service counts from its deletion (``since``) to its rules leaving the kernel
+        latencies += [prog[k]["programmed_at"] - prog[k]["written_at"] if k in prog else removed[k] - since
+                      for k in keys if k in prog or k in removed]
     return max(latencies, default=0.0)
