@@ -86,14 +86,21 @@ def test_every_node_holds_ipvs_state_with_the_topology_scheduler(lab):
 def test_scaling_reprograms_real_servers_on_every_node(lab):
     web = json.loads(open(f"/run/netsim/{lab}/services.json").read())["cluster_ips"]["default/web"]
 
+    def weights(node: str) -> list[int]:
+        """The weights of the real servers behind web (0: draining, kept while connections last)."""
+        out = node_sh(lab, node, f"ipvsadm -Ln -t {web}:80")
+        return [int(w) for w in re.findall(r"->\s+\S+\s+Masq\s+(\d+)", out)]
+
     def reals(node: str) -> int:
-        return node_sh(lab, node, f"ipvsadm -Ln -t {web}:80").count("Masq")
+        return sum(1 for w in weights(node) if w > 0)
 
     before = reals("node-2")
     netsim("scale", "deployment/web", "--replicas", "2", "--lab", lab)
     try:
         for node in NODES:
             wait_for(lambda: reals(node) == 2, f"2 real servers behind {web}:80 on {node}", timeout=20)
+        # the selftest's connections linger (TIME_WAIT): removed servers drain at weight 0
+        assert all(w in (0, 1) for w in weights("node-1"))
     finally:
         netsim("scale", "deployment/web", "--replicas", str(before), "--lab", lab)
     for node in NODES:
@@ -101,14 +108,14 @@ def test_scaling_reprograms_real_servers_on_every_node(lab):
 
 
 def test_switching_to_iptables_and_back_leaves_nothing_stale(lab):
-    out = netsim("proxy", "mode", "iptables", "--lab", lab, timeout=180).stdout
+    out = netsim("proxy", "mode", "iptables", "--lab", lab, "--timeout", "150", timeout=180).stdout
     assert "from ipvs to iptables" in out and "kube-ipvs0" in out
     for node in NODES:
         st = ipvs_state(lab, node)
         assert st == {"virtual_servers": 0, "real_servers": 0, "kube_ipvs0": 0, "ipsets": 0,
                       "svc_chains": st["svc_chains"], "ipvs_filter": False} and st["svc_chains"] > 0
     selftest_ok(lab)
-    out = netsim("proxy", "mode", "ipvs", "--lab", lab, timeout=180).stdout
+    out = netsim("proxy", "mode", "ipvs", "--lab", lab, "--timeout", "150", timeout=180).stdout
     assert "from iptables to ipvs" in out
     for node in NODES:
         st = ipvs_state(lab, node)
