@@ -5,6 +5,7 @@ is raised before anything is created.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
@@ -20,13 +21,14 @@ from ..plan import scheduler   # a module reference: plan.scheduler imports topo
 from .check import Checker, _kind, join
 from .manifests import ManifestSet, expand_deployment, read_object
 from . import verifyspec
-from .model import (IPTABLES_BACKENDS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluster, ExternalSpec,
+from .model import (IPTABLES_BACKENDS, IPVS_SCHEDULERS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluster, ExternalSpec,
                     NodeSpec, Topology)
 
 TOP_FIELDS = {"name", "cluster", "nodes", "externals", "manifests", "verify"}
 CLUSTER_FIELDS = {"podCIDR", "serviceCIDR", "nodeSubnetLength", "underlayCIDR", "underlayMTU",
                   "proxyMode", "overlay", "registry", "registryEndpoint", "loadBalancerPool",
-                  "bridge", "iptablesBackend", "directRouting", "leaseTTL", "renewMargin", "minSyncPeriod", "dns"}
+                  "bridge", "iptablesBackend", "directRouting", "leaseTTL", "renewMargin", "minSyncPeriod", "dns",
+                  "ipvsScheduler"}
 LAB_NAME_MAX = 32
 
 
@@ -167,6 +169,16 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
         ck.error("cluster.serviceCIDR", f"{service_cidr} has no tenth address for the kube-dns Service",
                  "use a /28 or larger serviceCIDR, or set cluster.dns: false")
         dns = False
+    scheduler = d.ipvs_scheduler
+    if "ipvsScheduler" in raw:
+        value = raw["ipvsScheduler"]
+        if value not in IPVS_SCHEDULERS:
+            close = difflib.get_close_matches(str(value), IPVS_SCHEDULERS, n=1)
+            ck.error("cluster.ipvsScheduler", f"must be one of {', '.join(IPVS_SCHEDULERS)}; got {value!r}",
+                     f"kube-proxy's --ipvs-scheduler; rr (round robin) is the default"
+                     + (f"; did you mean '{close[0]}'?" if close else ""))
+        else:
+            scheduler = value
     direct = d.direct_routing
     if "directRouting" in raw:
         direct = ck.boolean(raw["directRouting"], "cluster.directRouting") or False
@@ -187,7 +199,8 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
         load_balancer_pool=tuple(pool), bridge=bridge,
         iptables_backend=ck.choice(raw.get("iptablesBackend"), "cluster.iptablesBackend",
                                    IPTABLES_BACKENDS, d.iptables_backend),
-        direct_routing=direct, lease_ttl=ttl, renew_margin=margin, min_sync_period=sync, dns=dns)
+        direct_routing=direct, lease_ttl=ttl, renew_margin=margin, min_sync_period=sync, dns=dns,
+        ipvs_scheduler=scheduler)
 
 
 def _endpoint(value: Any, ck: Checker) -> str | None:

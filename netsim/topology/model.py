@@ -12,6 +12,7 @@ PROXY_MODES = ("iptables", "ipvs", "nftables")
 OVERLAYS = ("vxlan", "host-gw")
 REGISTRIES = ("embedded", "etcd")
 IPTABLES_BACKENDS = ("nft", "legacy")
+IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh")  # --ipvs-scheduler
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Cluster:
     renew_margin: int = 3600              # renew when less than this remains
     min_sync_period: float = 1.0          # kube-proxy --min-sync-period (seconds)
     dns: bool = True                      # the cluster DNS (kube-dns Service, dnsmasq replicas)
+    ipvs_scheduler: str = "rr"            # kube-proxy --ipvs-scheduler (proxyMode: ipvs)
 
 
 @dataclass(frozen=True)
