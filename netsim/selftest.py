@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .dns.objects import is_dns_port
 from .plan.state import LabPlan, PodPlan
 from .probes.connect import ask, http_get, ping, udp_ask
 from .runtime.podcheck import answers
@@ -84,7 +85,7 @@ def service_checks(plan: LabPlan, res) -> list[Check]:
     node_ips = {n.address for n in plan.nodes}
     for port in res.ports:
         backends = {names.get(e.ip, e.ip) for e in port.endpoints if e.ready}
-        if not backends or _dns_port(port):
+        if not backends or is_dns_port(port):
             continue
         short = {b.split("/")[-1] for b in backends}
         for node in plan.nodes:
@@ -119,12 +120,6 @@ def service_checks(plan: LabPlan, res) -> list[Check]:
     return checks
 
 
-def _dns_port(port) -> bool:
-    """kube-dns's port 53 is dnsmasq's, not the pod server's: dns_checks covers it."""
-    from .dns import objects
-    return (port.namespace, port.name, port.port) == (objects.NAMESPACE, objects.SERVICE, objects.DNS_PORT)
-
-
 def dns_checks(plan: LabPlan, res) -> list[Check]:
     """From a pod on every node, a short Service name through the pod's resolv.conf (search
     path, then the kube-dns ClusterIP, then a dnsmasq replica); once, a name that does not
@@ -133,7 +128,7 @@ def dns_checks(plan: LabPlan, res) -> list[Check]:
     if not dns_pods(plan):
         return []
     dns = server_ip(plan)
-    target = next((p for p in res.ports if p.endpoints and not _dns_port(p)), None)
+    target = next((p for p in res.ports if p.endpoints and not is_dns_port(p)), None)
     short, namespace = (target.name, target.namespace) if target else ("kube-dns", "kube-system")
     want = res.cluster_ips[f"{namespace}/{short}"]
     checks = []

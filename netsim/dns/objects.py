@@ -55,6 +55,12 @@ def manifests(service_cidr: IPv4Network) -> list[dict]:
     return [service, deployment]
 
 
+def is_dns_port(port) -> bool:
+    """A kube-dns Service port that dnsmasq answers (53/UDP, 53/TCP), not the built-in pod
+    server: probes that ask a backend its name cannot use it; DNS queries check it instead."""
+    return (port.namespace, port.name, port.port) == (NAMESPACE, SERVICE, DNS_PORT)
+
+
 def is_dns_pod(pod) -> bool:
     """Does this pod (a PodPlan) run the cluster DNS server? The coredns replicas do."""
     return pod.namespace == NAMESPACE and pod.owner == f"Deployment/{DEPLOYMENT}"

@@ -17,6 +17,7 @@ import fnmatch
 import time
 from dataclasses import dataclass, field
 
+from ..dns.objects import is_dns_port
 from ..plan.state import LabPlan
 from . import probe as probing
 from ..errors import NetsimError
@@ -83,8 +84,10 @@ def default_matrix(plan: LabPlan, res) -> list[Case]:
     if res is None:
         return cases
     gateway = {n.name: n.gateway for n in plan.nodes}
+    # kube-dns's port 53 is dnsmasq's: it cannot name its backend (selftest queries it)
+    ports = [sp for sp in res.ports if not is_dns_port(sp)]
     for pod in plan.pods:
-        for sp in res.ports:
+        for sp in ports:
             ready = [e for e in sp.endpoints if e.ready]
             if sp.internal_policy_local:
                 ready = [e for e in ready if e.node == pod.node]
@@ -94,7 +97,7 @@ def default_matrix(plan: LabPlan, res) -> list[Case]:
             cases.append(Case(f"pod→ClusterIP {sp.proto}", pod.key, f"svc/{sp.namespace}/{sp.name}:{sp.port}", exp,
                               sp.proto))
     for ext in plan.externals[:1]:
-        for sp in res.ports:
+        for sp in ports:
             ready = [e for e in sp.endpoints if e.ready]
             if sp.node_port:
                 for node in plan.nodes:
