@@ -28,7 +28,6 @@ def run(plan: LabPlan, services=None) -> list[Check]:
     """Every check; ``services`` (a proxy ``Resolution``) adds the Service paths."""
     checks: list[Check] = []
     node_ns = {n.name: n.netns for n in plan.nodes}
-    node_ip = {n.name: n.address for n in plan.nodes}
     for pod in plan.pods:
         checks.append(_do(Check("pod answers its node", pod.node, pod.key, "its own name"),
                           lambda pod=pod: ("answered", answers(pod, node_ns[pod.node], timeout=1.0))))
@@ -82,7 +81,6 @@ def service_checks(plan: LabPlan, res) -> list[Check]:
     from .proxy.endpoints import categorize
     checks: list[Check] = []
     names = {p.ip: p.key for p in plan.pods}
-    node_ips = {n.address for n in plan.nodes}
     for port in res.ports:
         backends = {names.get(e.ip, e.ip) for e in port.endpoints if e.ready}
         if not backends or is_dns_port(port):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 
 from .. import naming
-from ..errors import LabStateError, NetsimError
+from ..errors import LabStateError
 from ..plan.ipam import node_subnet
 from ..plan.lab import node_namespaces, plan_overlay
 from ..plan.overlay import pod_mtu, vtep_mac

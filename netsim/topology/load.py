@@ -175,7 +175,7 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
         if value not in IPVS_SCHEDULERS:
             close = difflib.get_close_matches(str(value), IPVS_SCHEDULERS, n=1)
             ck.error("cluster.ipvsScheduler", f"must be one of {', '.join(IPVS_SCHEDULERS)}; got {value!r}",
-                     f"kube-proxy's --ipvs-scheduler; rr (round robin) is the default"
+                     "kube-proxy's --ipvs-scheduler; rr (round robin) is the default"
                      + (f"; did you mean '{close[0]}'?" if close else ""))
         else:
             scheduler = value

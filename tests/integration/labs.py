@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_APPS = REPO / "topologies" / "manifests" / "demo-apps.yaml"
@@ -18,6 +20,30 @@ def netsim(*args: str, check: bool = True, timeout: float = 120, env: dict | Non
     if check and done.returncode != 0:
         raise AssertionError(f"netsim {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
+
+
+def lab_name(tag: str) -> str:
+    """A lab name for this test process: ``$NETSIM_TEST_LAB_PREFIX`` (default ``t``), the pid
+    and a tag, so suites running side by side never share a lab."""
+    return f"{os.environ.get('NETSIM_TEST_LAB_PREFIX', 't')}{os.getpid() % 10000}{tag}"
+
+
+@contextmanager
+def running_lab(topology: Path, name: str, timeout: float = 60) -> Iterator[str]:
+    """``netsim up`` the topology, yield the lab's name, ``netsim down`` it; the machine must
+    then be exactly as before (namespaces, links, agents, iptables, pod resolv.conf files)."""
+    before = machine_snapshot(name)
+    netsim("up", str(topology), "--timeout", str(timeout), timeout=max(120, 2 * timeout))
+    try:
+        yield name
+    finally:
+        netsim("down", name, check=False)
+    assert machine_snapshot(name) == before
+
+
+def services(lab: str) -> dict:
+    """The lab's Service allocations: cluster_ips, node_ports, lb_ips, ports."""
+    return json.loads(Path(f"/run/netsim/{lab}/services.json").read_text())
 
 
 def demo_copy(tmp: Path, name: str) -> Path:

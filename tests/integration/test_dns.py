@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from labs import machine_snapshot, netsim
+from labs import netsim, running_lab
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(shutil.which("dig") is None, reason="dig is not installed (Debian: bind9-dnsutils)")]
@@ -48,15 +48,10 @@ CLIENTS = ("c1", "c2", "c3")          # one client pod per node
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     name = f"dn-dns{os.getpid() % 10000}"
-    before = machine_snapshot(name)
     topo = tmp_path_factory.mktemp("dns") / "dns.yaml"
     topo.write_text(TOPOLOGY.format(lab=name))
-    netsim("up", str(topo), "--timeout", "60")
-    try:
-        yield name
-    finally:
-        netsim("down", name, check=False)
-    assert machine_snapshot(name) == before
+    with running_lab(topo, name) as lab:
+        yield lab
     assert not [d for d in os.listdir("/etc/netns") if d.startswith(f"netsim.{name}.")] \
         if os.path.isdir("/etc/netns") else True
 

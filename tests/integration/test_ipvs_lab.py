@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from labs import demo_copy, machine_snapshot, netsim, status
+from labs import demo_copy, netsim, running_lab, status
 from netsim.proxy.ipvs import IPSET_NAMES
 from netsim.runtime.wait import wait_for
 
@@ -27,16 +27,11 @@ NODES = ("node-1", "node-2", "node-3")
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     name = f"{PREFIX}{os.getpid() % 10000}iv"
-    before = machine_snapshot(name)
     path = demo_copy(tmp_path_factory.mktemp("ipvs"), name)
     path.write_text(path.read_text().replace("proxyMode: iptables",
                                              "proxyMode: ipvs\n  ipvsScheduler: wrr\n  iptablesBackend: legacy"))
-    netsim("up", str(path), "--timeout", "90", timeout=180)
-    try:
-        yield name
-    finally:
-        netsim("down", name, check=False)
-    assert machine_snapshot(name) == before
+    with running_lab(path, name, timeout=90) as lab:
+        yield lab
 
 
 def node_sh(lab: str, node: str, script: str) -> str:

@@ -8,13 +8,11 @@ Lab names are ``<prefix><pid><mode>``; ``NETSIM_TEST_LAB_PREFIX`` sets the prefi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from collections import Counter
 
 import pytest
 
-from labs import machine_snapshot, netsim, status
+from labs import lab_name, netsim, running_lab, services, status
 
 pytestmark = pytest.mark.root
 
@@ -63,20 +61,11 @@ def mode(request) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, mode):
-    name = f"{os.environ.get('NETSIM_TEST_LAB_PREFIX', 't')}{os.getpid() % 10000}{mode[:2]}"
-    before = machine_snapshot(name)
+    name = lab_name(mode[:2])
     topo = tmp_path_factory.mktemp("kp") / "kp.yaml"
     topo.write_text(TOPOLOGY.format(lab=name, mode=mode, backend=IPTABLES_BACKEND.get(mode, "nft")))
-    netsim("up", str(topo), "--timeout", "60")
-    try:
-        yield name
-    finally:
-        netsim("down", name, check=False)
-    assert machine_snapshot(name) == before
-
-
-def services(lab: str) -> dict:
-    return json.loads(open(f"/run/netsim/{lab}/services.json").read())
+    with running_lab(topo, name) as lab:
+        yield lab
 
 
 def run(lab: str, target: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -4,13 +4,11 @@ flows that must not stick to a deleted endpoint through a stale conntrack entry;
 loadBalancerSourceRanges. Each runs once per proxy mode (lab names as in test_kubeproxy)."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 
 import pytest
 
-from labs import machine_snapshot, netsim, status
+from labs import lab_name, netsim, running_lab, services, status
 
 pytestmark = pytest.mark.root
 
@@ -59,22 +57,13 @@ def mode(request) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, mode):
-    name = f"{os.environ.get('NETSIM_TEST_LAB_PREFIX', 't')}{os.getpid() % 10000}kc{mode[:2]}"
-    before = machine_snapshot(name)
+    name = lab_name(f"kc{mode[:2]}")
     topo = tmp_path_factory.mktemp("kc") / "kc.yaml"
     rotation = "\n".join(f"  - {pod_doc(p, n, 'rot', 8080)}" for p, n in ROTATION)
     topo.write_text(TOPOLOGY.format(lab=name, rotation=rotation, mode=mode,
                                     backend="legacy" if mode == "ipvs" else "nft"))
-    netsim("up", str(topo), "--timeout", "60")
-    try:
-        yield name
-    finally:
-        netsim("down", name, check=False)
-    assert machine_snapshot(name) == before
-
-
-def services(lab: str) -> dict:
-    return json.loads(open(f"/run/netsim/{lab}/services.json").read())
+    with running_lab(topo, name) as lab:
+        yield lab
 
 
 def node_ip(lab: str, node: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from labs import demo_copy, machine_snapshot, netsim, status
+from labs import demo_copy, netsim, running_lab, status
 
 pytestmark = pytest.mark.root
 
@@ -34,15 +34,10 @@ def root_has_kube_proxy_table() -> bool:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     name = f"{PREFIX}{os.getpid() % 10000}md"
-    before = machine_snapshot(name)
     path = demo_copy(tmp_path_factory.mktemp("modes"), name)
     path.write_text(path.read_text().replace("proxyMode: iptables", "proxyMode: nftables"))
-    netsim("up", str(path), "--timeout", "60")
-    try:
-        yield name
-    finally:
-        netsim("down", name, check=False)
-    assert machine_snapshot(name) == before
+    with running_lab(path, name) as lab:
+        yield lab
     assert not root_has_kube_proxy_table()
 
 
