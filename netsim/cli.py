@@ -458,17 +458,13 @@ def _probe_context(args):
     from .apply import labstate
     from .apply.services import load_resolution
     from .probes import dnsname
-    from .probes.targets import resolve_source, resolve_target
+    from .probes.targets import resolve_source
     _need_root()
     lab = labstate.resolve_lab(args.lab)
     plan = labstate.load_plan(lab)
     res = load_resolution(lab)
-    src = resolve_source(args.source, plan)
-    named = dnsname.split(args.target)            # a DNS name: asked from the pod first
-    if named is not None:
-        found = dnsname.lookup(plan, src, named[0], timeout=args.timeout)
-        return lab, plan, res, src, dnsname.target_for(found, named[1], plan, res, args.proto, args.port)
-    return lab, plan, res, src, resolve_target(args.target, plan, res, args.proto, args.port)
+    src = resolve_source(args.source, plan)       # a DNS name TARGET is asked from the source first
+    return lab, plan, res, src, dnsname.resolve(args.target, plan, res, src, args.proto, args.port, args.timeout)
 
 
 def cmd_probe(args) -> int:

@@ -60,6 +60,15 @@ def split(text: str) -> tuple[str, str | None] | None:
     return None
 
 
+def resolve(text: str, plan: LabPlan, res, src: Source, proto: str | None = None,
+            port: str | int | None = None, timeout: float = 1.0) -> Target:
+    """TARGET as ``netsim probe`` takes it: a DNS name is looked up from ``src`` first."""
+    named = split(text)
+    if named is None:
+        return resolve_target(text, plan, res, proto, port)
+    return target_for(lookup(plan, src, named[0], timeout), named[1], plan, res, proto, port)
+
+
 def lookup(plan: LabPlan, src: Source, name: str, timeout: float = 1.0) -> Lookup:
     """Ask the source pod's nameserver about ``name`` through its search path (A records).
     Raises ProbeError when no candidate has an address (NXDOMAIN, REFUSED, no answer)."""
