@@ -22,6 +22,14 @@ from .targets import ProbeError, Source, Target, resolve_target
 PREFIX = "dns:"
 
 
+class NameNotFound(ProbeError):
+    """The pod's nameserver has no address for the name (NXDOMAIN, or no A record)."""
+
+    def __init__(self, message: str, rcodes: str):
+        super().__init__(message)
+        self.rcodes = rcodes
+
+
 @dataclass(frozen=True)
 class Lookup:
     name: str                        # as the user gave it
@@ -92,7 +100,8 @@ def lookup(plan: LabPlan, src: Source, name: str, timeout: float = 1.0) -> Looku
         tried.append((candidate, answer.rcode))
         if answer.rcode == "NOERROR" and answer.values("A"):
             return Lookup(name, server, candidate, answer.rcode, tuple(answer.values("A")), tuple(tried))
-    raise ProbeError(f"{name}: not found: {server} answered {_rcodes(tried)} (asked from {src.name})")
+    raise NameNotFound(f"{name}: not found: {server} answered {_rcodes(tried)} (asked from {src.name})",
+                       "/".join(dict.fromkeys(r for _, r in tried)))
 
 
 def target_for(found: Lookup, port: str | None, plan: LabPlan, res, proto: str | None = None,

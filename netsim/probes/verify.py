@@ -196,6 +196,10 @@ def run(plan: LabPlan, res, cases: list[Case], timeout: float = 0.5) -> tuple[li
             src = resolve_source(case.source, plan)
             target: Target = dnsname.resolve(case.target, plan, res, src, case.proto, case.port, timeout)
             r = probing.run(plan, src, target, timeout=timeout)
+        except dnsname.NameNotFound as exc:          # a name that does not resolve is not reached
+            ok = not case.expect.reach
+            out.append(Outcome(case, ok, f"name not found ({exc.rcodes})", [] if ok else [str(exc)]))
+            continue
         except (NetsimError, OSError) as exc:
             out.append(Outcome(case, False, f"error: {exc}", [str(exc)]))
             continue
