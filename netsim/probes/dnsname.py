@@ -72,8 +72,8 @@ def resolve(text: str, plan: LabPlan, res, src: Source, proto: str | None = None
             port: str | int | None = None, timeout: float = 1.0) -> Target:
     """TARGET as ``netsim probe`` takes it: a DNS name is looked up from ``src`` first."""
     named = split(text)
-    if named is None:
-        return resolve_target(text, plan, res, proto, port)
+    if named is None or (not text.startswith(PREFIX) and plan.find(named[0]) is not None):
+        return resolve_target(text, plan, res, proto, port)     # not a name, or a dotted pod/node name
     return target_for(lookup(plan, src, named[0], timeout), named[1], plan, res, proto, port)
 
 
