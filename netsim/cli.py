@@ -457,12 +457,14 @@ def cmd_selftest(args) -> int:
 def _probe_context(args):
     from .apply import labstate
     from .apply.services import load_resolution
-    from .probes.targets import resolve_source, resolve_target
+    from .probes import dnsname
+    from .probes.targets import resolve_source
     _need_root()
     lab = labstate.resolve_lab(args.lab)
     plan = labstate.load_plan(lab)
     res = load_resolution(lab)
-    return lab, plan, res, resolve_source(args.source, plan), resolve_target(args.target, plan, res, args.proto, args.port)
+    src = resolve_source(args.source, plan)       # a DNS name TARGET is asked from the source first
+    return lab, plan, res, src, dnsname.resolve(args.target, plan, res, src, args.proto, args.port, args.timeout)
 
 
 def cmd_probe(args) -> int:
@@ -481,7 +483,11 @@ def cmd_trace(args) -> int:
     from .report import as_json
     lab, plan, res, src, target = _probe_context(args)
     pcap = args.write or str(labstate.lab_dir(lab) / "traces" / f"trace-{_time.strftime('%Y%m%d-%H%M%S')}.pcapng")
-    result = trace.run(plan, src, target, pcap, timeout=args.timeout)
+    if "dns" in target.extra:
+        from .probes import dnsname
+        result = dnsname.trace(plan, res, src, target, pcap, timeout=args.timeout)
+    else:
+        result = trace.run(plan, src, target, pcap, timeout=args.timeout)
     print(as_json(result.to_dict()) if args.output == "json" else trace.text(result, args.every_packet))
     return 0 if result.crafted.reached else 1
 
