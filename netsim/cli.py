@@ -240,7 +240,8 @@ def cmd_proxy_render(args) -> int:
         raise NetsimError(f"no node {args.node!r} in {args.topology} (nodes: {', '.join(n.name for n in plan.nodes)})")
     res = resolve(topo, plan)
     _warn(res.warnings)
-    print(render_text(args.mode, res.ports, NodeContext(node.name, (node.address,), plan.pod_cidr)), end="")
+    print(render_text(args.mode, res.ports, NodeContext(node.name, (node.address,), plan.pod_cidr,
+                                                           service_cidrs=(plan.service_cidr,))), end="")
     return 0
 
 

@@ -1,18 +1,20 @@
-"""A kube-proxy-like node agent, iptables mode. One per node, a process inside the node.
+"""A kube-proxy-like node agent. One per node, a process inside the node.
 
-Like kube-proxy it:
+The agent does what every kube-proxy mode shares; the mode's ``Backend``
+(``netsim.proxy.<mode>_apply``, found through ``netsim.proxy.backend.backend_class``)
+programs the kernel. Like kube-proxy the agent:
 
+* at start-up removes what the *other* modes left on the node (kube-proxy's
+  ``cleanupLeftovers``), so a lab can switch modes by restarting its agents;
 * lists the cluster's Services (with their endpoints) and watches for changes;
-* on start-up, after a failed restore and every ``--full-sync-period``, does a full sync:
-  ensures the jumps from the built-in chains (``iptables -C``/``-I``) and loads every
-  KUBE-* chain with one ``iptables-restore --noflush``;
-* otherwise does partial syncs: only the chains of Services that changed, stale chains
-  flushed and deleted, at most once per ``--min-sync-period`` (events are coalesced);
+* on start-up, after a failed sync and every ``--full-sync-period``, asks the backend for a
+  full sync; otherwise for partial syncs of the service ports that changed, at most once
+  per ``--min-sync-period`` (events are coalesced);
 * after a sync, deletes UDP conntrack entries that still point at removed endpoints;
-* sets the sysctls kube-proxy sets in iptables mode (route_localnet for localhost NodePorts).
+* answers ARP for the LoadBalancer IPs this node announces (L2 mode).
 
-A status file records each sync (full or partial, rules, seconds) and, per Service, when
-it was written to the registry and when its rules were in the kernel, which is the
+A status file records each sync (mode, full or partial, rules, seconds) and, per Service,
+when it was written to the registry and when its rules were in the kernel, which is the
 network-programming latency.
 """
 from __future__ import annotations
@@ -29,13 +31,9 @@ from pathlib import Path
 
 from netsim.agents.l2announce import Announcer
 from netsim.proxy import state
-from netsim.proxy.iptables import jump_rules, render
+from netsim.proxy.backend import MODES, SyncFailed, backend_class, port_key
 from netsim.proxy.model import NodeContext, ServicePort
 from netsim.registry import Compacted, RegistryError, open_registry
-
-BINARIES = {"nft": ("iptables-nft", "iptables-nft-restore"),
-            "legacy": ("iptables-legacy", "iptables-legacy-restore")}
-SYSCTLS = (("net/ipv4/conf/all/route_localnet", "1"),)
 
 
 def log(msg: str) -> None:
@@ -49,16 +47,18 @@ class Stop(Exception):
 class Proxier:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.iptables, self.restore = BINARIES[args.iptables_backend]
-        self.node = NodeContext(args.node, tuple(args.node_ip), args.pod_cidr)
+        self.node = NodeContext(args.node, tuple(args.node_ip), args.pod_cidr,
+                                service_cidrs=tuple(args.service_cidr))
+        self.options = dict(o.split("=", 1) for o in args.backend_opt)
+        self.backend = backend_class(args.mode)(self.node, args.iptables_backend, **self.options)
         self.services: dict[str, list[ServicePort]] = {}      # registry key → ports
         self.written: dict[str, float] = {}
         self.pending: set[str] = set()                        # keys changed since the last sync
-        self.chains: set[str] = set()                         # KUBE chains in the kernel
+        self.changed_ports: set[str] = set()                  # port keys changed or gone since then
         self.need_full = True
         self.last_sync = 0.0
         self.last_full = 0.0
-        self.status: dict = {"node": args.node, "syncs": 0, "programmed": {}, "removed": {}}
+        self.status: dict = {"node": args.node, "mode": args.mode, "syncs": 0, "programmed": {}, "removed": {}}
         self.udp_stale: list[tuple[str, int, str]] = []       # (service address, port, endpoint IP)
         self.announce: dict[str, dict[str, str]] = {}         # registry key → {LB IP: speaker node}
         self.announcer = Announcer(args.iface)
@@ -89,6 +89,7 @@ class Proxier:
             self.announce[key] = announce
             self.written[key] = written
         self.pending.add(key)
+        self.changed_ports.update(port_key(p) for p in old + new)
         self._flush_udp(old, new)
 
     # -- syncing ------------------------------------------------------------------------
@@ -96,20 +97,14 @@ class Proxier:
         ports = [p for plist in self.services.values() for p in plist]
         full = self.need_full or time.monotonic() - self.last_full > self.args.full_sync_period
         t0 = time.monotonic()
-        # Removed services need no key: their chains are stale and render() deletes them.
-        changed = None if full else {self._port_key(p) for k in self.pending for p in self.services.get(k, [])}
-        ruleset = render(ports, self.node, changed=changed, existing_chains=frozenset(self.chains))
-        if full:
-            self.ensure_jumps()
-        done = subprocess.run([self.restore, "--noflush", "--counters"], input=ruleset.text,
-                              text=True, capture_output=True)
-        if done.returncode != 0:
+        try:
+            result = self.backend.sync(ports, None if full else set(self.changed_ports))
+        except SyncFailed as exc:
             self.need_full = True
-            log(f"{self.restore} failed ({done.stderr.strip().splitlines()[-1:]}); a full sync follows")
+            log(f"{self.args.mode} sync failed ({exc}); a full sync follows")
             return
         took = time.monotonic() - t0
         now = time.time()
-        self.chains = set(ruleset.chains)
         for k in self.pending:
             if k in self.services:
                 self.status["programmed"][k] = {"written_at": self.written.get(k, 0.0), "programmed_at": now}
@@ -117,6 +112,7 @@ class Proxier:
                 self.status["programmed"].pop(k, None)
                 self.status["removed"][k] = now       # its rules are gone from the kernel
         self.pending.clear()
+        self.changed_ports.clear()
         self.need_full = False
         self.last_sync = time.monotonic()
         if full:
@@ -127,31 +123,39 @@ class Proxier:
         if taken or given:
             log(f"L2: announcing {sorted(mine) or 'nothing'} (took {sorted(taken)}, gave up {sorted(given)})")
         self.status.update(announcing=sorted(mine), syncs=self.status["syncs"] + 1, last_sync=now, last_sync_full=full,
-                           last_sync_seconds=round(took, 4), rules=ruleset.rule_count,
+                           last_sync_seconds=round(took, 4), rules=result.rules, written=result.written,
                            services=len(self.services))
         self.write_status()
-        log(f"{'full' if full else 'partial'} sync: {ruleset.rule_count} rules in {took * 1000:.0f} ms")
+        log(f"{'full' if full else 'partial'} {self.args.mode} sync: {result.rules} rules "
+            f"({result.written} written) in {took * 1000:.0f} ms")
 
-    def _port_key(self, p: ServicePort) -> str:
-        return p.spn + p.proto
-
-    def ensure_jumps(self) -> None:
-        for table, chain, words in jump_rules():
-            if subprocess.run([self.iptables, "-w", "-t", table, "-C", chain] + words,
-                              capture_output=True).returncode != 0:
-                # The chain must exist before a rule can jump to it.
-                subprocess.run([self.iptables, "-w", "-t", table, "-N", words[-1]], capture_output=True)
-                subprocess.run([self.iptables, "-w", "-t", table, "-I", chain] + words, check=True,
-                               capture_output=True)
+    def cleanup_other_modes(self) -> None:
+        """kube-proxy's cleanupLeftovers: remove what every other mode left on this node
+        (with ``--cleanup``: every mode, this one too). A mode whose backend module is not
+        installed has nothing to clean."""
+        for mode in MODES:
+            if mode == self.args.mode and not self.args.cleanup:
+                continue
+            try:
+                cls = backend_class(mode)
+            except ImportError:
+                continue
+            try:
+                removed = cls(self.node, self.args.iptables_backend).cleanup()
+            except Exception as exc:           # a mode the kernel cannot run leaves nothing
+                log(f"cleanup of {mode} mode skipped: {type(exc).__name__}: {exc}")
+                continue
+            if removed and removed != "nothing":
+                log(f"removed {mode} mode leftovers: {removed}")
 
     # -- UDP conntrack --------------------------------------------------------------------
     def _flush_udp(self, old: list[ServicePort], new: list[ServicePort]) -> None:
         """Remember (service address, port, endpoint IP) of UDP endpoints that went away."""
-        new_by_key = {self._port_key(p): p for p in new}
+        new_by_key = {port_key(p): p for p in new}
         for p in old:
             if p.protocol != "UDP":
                 continue
-            still = new_by_key.get(self._port_key(p))
+            still = new_by_key.get(port_key(p))
             keep = {e.ip for e in still.endpoints} if still else set()
             addresses = [(vip, p.port) for vip in (p.cluster_ip,) + p.external_ips + p.load_balancer_ips]
             if p.node_port:
@@ -170,8 +174,8 @@ class Proxier:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        for path, value in SYSCTLS:
-            Path("/proc/sys", path).write_text(value)
+        self.cleanup_other_modes()
+        self.backend.setup()
         reg = open_registry(self.args.registry)
         revision = self.load(reg)
         self.sync()
@@ -222,10 +226,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--node", required=True)
     p.add_argument("--node-ip", action="append", required=True)
     p.add_argument("--pod-cidr", required=True, help="cluster CIDR: the local-traffic detector")
+    p.add_argument("--service-cidr", action="append", default=[], help="the Service CIDR (repeatable)")
     p.add_argument("--iface", default="eth0", help="the uplink, where LoadBalancer IPs are announced")
-    p.add_argument("--iptables-backend", choices=sorted(BINARIES), default="nft")
+    p.add_argument("--mode", choices=MODES, default="iptables", help="proxy mode (kube-proxy --proxy-mode)")
+    p.add_argument("--iptables-backend", choices=("nft", "legacy"), default="nft")
+    p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a mode-specific option passed to the backend (repeatable)")
     p.add_argument("--min-sync-period", type=float, default=1.0, help="seconds (kube-proxy default 1)")
     p.add_argument("--full-sync-period", type=float, default=3600.0, help="seconds (kube-proxy: 1 h)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove what every mode programmed on this node, then exit (kube-proxy --cleanup)")
     p.add_argument("--status-file")
     p.add_argument("--ready-file")
     return p
@@ -237,8 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         raise Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    bad = [o for o in args.backend_opt if "=" not in o]
+    if bad:
+        parser().error(f"--backend-opt needs KEY=VALUE, not {bad[0]!r}")
     try:
-        Proxier(args).run()
+        proxier = Proxier(args)
+        if args.cleanup:
+            proxier.cleanup_other_modes()
+            return 0
+        proxier.run()
     except Stop:
         log("exiting")
     return 0

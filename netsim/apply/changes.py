@@ -150,12 +150,11 @@ def change(lab: str, doc: dict, touched: list[str], timeout: float = 30.0) -> Ch
     save_objects(lab, doc)
     wait_answers(new, added, timeout)
     result = Change(new, topo, added, removed, touched)
-    if new.proxy_mode == "iptables":
-        from .services import publish, wait_programmed
-        res, keys, since = publish(lab, topo, new)
-        result.services_changed, result.warnings = len(keys), res.warnings
-        if keys:
-            result.programming_s = wait_programmed(lab, new, res, keys, since, timeout)
+    from .services import publish, wait_programmed
+    res, keys, since = publish(lab, topo, new)
+    result.services_changed, result.warnings = len(keys), res.warnings
+    if keys:
+        result.programming_s = wait_programmed(lab, new, res, keys, since, timeout)
     return result
 
 

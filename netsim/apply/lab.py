@@ -68,7 +68,7 @@ def up(plan: LabPlan, source: str = "", timeout: float = 30.0,
         for ext in plan.externals:
             start_external_server(ext, st)
         wait_pods(plan, max(timeout - (time.monotonic() - t0), 1.0))
-        if topology is not None and plan.proxy_mode == "iptables":
+        if topology is not None:
             from .services import publish
             publish(plan.lab, topology, plan)
             proxies = {n.name: start_kubeproxy(plan, n.name, url, st) for n in plan.nodes}
@@ -160,14 +160,15 @@ def start_flannel(plan: LabPlan, node: str, url: str, st: LabState) -> Process:
 
 
 def start_kubeproxy(plan: LabPlan, node: str, url: str, st: LabState) -> Process:
-    """Start the node's kube-proxy agent (iptables mode)."""
+    """Start the node's kube-proxy agent in the plan's proxy mode."""
     n = plan.node(node)
     d = labstate.lab_dir(plan.lab) / "kube-proxy"
     d.mkdir(exist_ok=True)
     (d / f"{node}.ready").unlink(missing_ok=True)
     args = [sys.executable, "-m", "netsim.agents.kubeproxy", "--registry", url, "--node", node,
-            "--node-ip", n.address, "--pod-cidr", plan.pod_cidr, "--iface", naming.UPLINK,
-            "--iptables-backend", plan.iptables_backend, "--min-sync-period", str(plan.min_sync_period),
+            "--node-ip", n.address, "--pod-cidr", plan.pod_cidr,
+            "--service-cidr", plan.service_cidr, "--iface", naming.UPLINK,
+            "--mode", plan.proxy_mode, "--iptables-backend", plan.iptables_backend, "--min-sync-period", str(plan.min_sync_period),
             "--status-file", str(d / f"{node}.json"), "--ready-file", str(d / f"{node}.ready")]
     return start_agent(st, "kube-proxy", n.netns, node, args)
 

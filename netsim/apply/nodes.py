@@ -88,9 +88,8 @@ def _join(lab, plan, st, node: NodePlan, underlay: IPv4Network, timeout: float) 
     labstate.save_plan(grown)
     start_podserver(grown, name, st)
     wait_pods(replace(grown, pods=(), externals=(), nodes=(node,)), timeout)
-    if grown.proxy_mode == "iptables":
-        proxy = start_kubeproxy(grown, name, registry_url(lab), st)
-        wait_kubeproxies(grown, {name: proxy}, timeout)
+    proxy = start_kubeproxy(grown, name, registry_url(lab), st)
+    wait_kubeproxies(grown, {name: proxy}, timeout)
     took = wait_converged(lab, grown, node, present=True, timeout=timeout)
     from .changes import load_objects
     doc = load_objects(lab)

@@ -16,6 +16,10 @@ only what its mode puts in the kernel of one node:
   The agent calls ``cleanup()`` of every *other* mode at start-up, so switching modes on a
   running lab leaves no stale chain, set, virtual server or dummy address.
 
+The agent constructs a backend as ``Backend(node, iptables_backend, **options)``: the
+``NodeContext``, ``"nft"`` or ``"legacy"`` (for the iptables rules a mode keeps), and the
+agent's ``--backend-opt KEY=VALUE`` options as strings (e.g. an IPVS scheduler).
+
 ``render_text(ports, node)`` is the same desired state as text, without root: what
 ``netsim proxy render --mode MODE`` prints and the golden files hold.
 """

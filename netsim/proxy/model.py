@@ -70,3 +70,4 @@ class NodeContext:
     pod_cidr: str                    # the local-traffic detector (ClusterCIDR mode)
     random_fully: bool = True        # iptables >= 1.6.2
     localhost_nodeports: bool = True
+    service_cidrs: tuple[str, ...] = ()   # nftables mode drops traffic to unallocated ClusterIPs
