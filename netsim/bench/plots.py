@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")                     # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import PATH_NAMES, find, ran, service_counts  # noqa: E402
+from .report import find, ran, service_counts  # noqa: E402
 
 COLORS = {"iptables-legacy": "tab:blue", "iptables-nft": "tab:red", "nftables": "tab:green", "ipvs": "tab:purple"}
 
@@ -66,7 +66,8 @@ def throughput(result: dict, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, streams in zip(axes, (1, par)):
         raw = find(result, variant=None, metric="throughput", path="raw-veth", streams=streams)
-        labels = ["raw veth"] + [PATH_NAMES[p].replace(", ", "\n") for p in paths]
+        labels = ["raw veth", "pod IP\nsame node", "ClusterIP\nsame node", "pod IP\nother node",
+                  "ClusterIP\nother node"]
         width = 0.8 / max(1, len(variants))
         if raw:
             y, e = _err(raw["summary"]["gbit_s"])
