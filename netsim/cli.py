@@ -12,8 +12,13 @@ USAGE_EXIT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     try:
+        from .kernel import guestlab
+        guest = guestlab.target(args)
+        if guest is not None:               # the lab runs in a UML guest: same command, in there
+            return guestlab.forward(guest, args, argv)
         return args.func(args) or 0
     except TopologyError as err:
         print(f"netsim: invalid topology: {err}", file=sys.stderr)
@@ -40,7 +45,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("topology")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness (default 60)")
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.add_argument("--kernel", choices=("auto", "host", "uml"), default="auto",
+                   help="host kernel, a user-mode Linux guest, or auto (UML only when the host lacks a feature)")
     s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("run", help="batch: bring a topology up, selftest it, tear it down (host or UML kernel)")
+    s.add_argument("topology")
+    s.add_argument("--kernel", choices=("auto", "host", "uml"), default="auto")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness (default 60)")
+    s.add_argument("--max-time", type=float, default=900.0, help="UML: stop the guest after this many seconds")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("kernel", help="kernel features; run commands in a user-mode Linux guest")
+    ksub = s.add_subparsers(dest="kernel_command", required=True, metavar="ACTION")
+    k = ksub.add_parser("check", help="what the host and UML kernels have, and what a topology needs")
+    k.add_argument("topology", nargs="?")
+    k.set_defaults(func=cmd_kernel_check)
+    k = ksub.add_parser("run", help="run one command in one UML boot: netsim kernel run -- CMD...")
+    k.add_argument("--timeout", type=float, default=None, help="stop the guest after this many seconds")
+    k.add_argument("--mem", default="1G", help="guest memory (default 1G)")
+    k.add_argument("cmd", nargs=argparse.REMAINDER)
+    k.set_defaults(func=cmd_kernel_run)
 
     s = sub.add_parser("down", help="tear a lab down, leaving nothing behind")
     s.add_argument("lab", nargs="?", help="lab name (default: the only lab up)")
@@ -61,13 +86,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("lab", nargs="?")
     s.set_defaults(func=cmd_shell)
 
-    s = sub.add_parser("proxy", help="kube-proxy: render a node's ruleset without root")
+    s = sub.add_parser("proxy", help="kube-proxy: render a node's ruleset without root, switch a lab's mode")
     psub = s.add_subparsers(dest="proxy_command", required=True, metavar="ACTION")
     r = psub.add_parser("render", help="print the rules kube-proxy would program on a node")
     r.add_argument("topology")
     r.add_argument("--node", required=True)
     r.add_argument("--mode", choices=("iptables", "ipvs", "nftables"), default="iptables")
     r.set_defaults(func=cmd_proxy_render)
+    m = psub.add_parser("mode", help="switch a running lab's kube-proxy mode (rolling agent restart)")
+    m.add_argument("mode", choices=("iptables", "ipvs", "nftables"))
+    m.add_argument("--lab", "-l")
+    m.add_argument("--timeout", type=float, default=30.0)
+    m.set_defaults(func=cmd_proxy_mode)
 
     s = sub.add_parser("apply", help="create or update Kubernetes objects on a running lab")
     s.add_argument("-f", "--filename", required=True)
@@ -177,6 +207,9 @@ def cmd_up(args) -> int:
 
     topo = load(args.topology)
     _need_root()
+    if _kernel_for_up(topo, args.kernel) == "uml":
+        from .kernel import guestlab
+        return guestlab.up(args.topology, topo.name, args.timeout, args.output)
     _interrupt_on_term()
     report = applier.up(plan_lab(topo), os.path.abspath(args.topology), args.timeout,
                         replan=lambda subnets: plan_lab(topo, subnets=subnets),
@@ -192,6 +225,39 @@ def cmd_up(args) -> int:
         print(f"\nlab {topo.name} is up in {report.seconds:.2f}s; every pod answered. "
               f"Try: netsim exec {report.plan.nodes[0].name} -- ip route; netsim down {topo.name}")
     return 0
+
+
+def _kernel_for_up(topo, kernel: str) -> str:
+    """host or uml; says why when the lab goes into a user-mode Linux guest."""
+    from .kernel import guestlab
+    from .kernel.commands import choose
+    if guestlab.load(topo.name):
+        raise NetsimError(f"lab {topo.name!r} is already up in a UML guest; run 'netsim down {topo.name}' first")
+    d = choose(topo, kernel)
+    if d.kernel == "uml":
+        print(f"netsim: {d.reason}", file=sys.stderr)
+    return d.kernel
+
+
+def cmd_run(args) -> int:
+    from .kernel.commands import run_topology
+    _need_root()
+    return run_topology(args.topology, args.kernel, args.timeout, args.max_time)
+
+
+def cmd_kernel_check(args) -> int:
+    from .kernel.commands import check_text
+    from .topology import load
+    text, rc = check_text(load(args.topology) if args.topology else None)
+    print(text)
+    return rc
+
+
+def cmd_kernel_run(args) -> int:
+    from .kernel.commands import kernel_run
+    _need_root()
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return kernel_run(command, args.timeout, args.mem)
 
 
 def cmd_down(args) -> int:
@@ -251,8 +317,25 @@ def cmd_proxy_render(args) -> int:
         raise NetsimError(f"no node {args.node!r} in {args.topology} (nodes: {', '.join(n.name for n in plan.nodes)})")
     res = resolve(topo, plan)
     _warn(res.warnings)
-    print(render_text(args.mode, res.ports, NodeContext(node.name, (node.address,), plan.pod_cidr,
-                                                           service_cidrs=(plan.service_cidr,))), end="")
+    ctx = NodeContext(node.name, (node.address,), plan.pod_cidr, service_cidrs=(plan.service_cidr,),
+                      ipvs_scheduler=plan.ipvs_scheduler)
+    print(render_text(args.mode, res.ports, ctx), end="")
+    return 0
+
+
+def cmd_proxy_mode(args) -> int:
+    from .apply import labstate, proxymode
+    _need_root()
+    lab = labstate.resolve_lab(args.lab)
+    report = proxymode.switch(lab, args.mode, args.timeout)
+    if report.old == report.new:
+        print(f"lab {lab} already runs kube-proxy in {report.new} mode; nothing to do")
+        return 0
+    print(f"lab {lab}: kube-proxy switched from {report.old} to {report.new} mode on "
+          f"{len(report.cleaned)} nodes in {report.seconds:.2f}s")
+    for node, cleaned in report.cleaned.items():
+        removed = "; ".join(f"{m}: {what}" for m, what in cleaned.items() if what != "nothing") or "nothing left"
+        print(f"  {node}: removed {removed}")
     return 0
 
 
@@ -343,8 +426,11 @@ def cmd_selftest(args) -> int:
 
 def cmd_clean(args) -> int:
     from .apply import lab as applier
+    from .kernel import guestlab
     _need_root()
-    removed = applier.clean(args.lab)
+    removed = guestlab.clean(args.lab)
+    if not (args.lab and removed):
+        removed += applier.clean(args.lab)
     print(f"removed: {', '.join(removed)}" if removed else "nothing to clean")
     return 0
 

@@ -55,3 +55,11 @@ class ReadinessTimeout(NetsimError):
         self.what = what
         self.timeout = timeout
         super().__init__(f"timed out after {timeout:g}s waiting for {what}")
+
+
+class KernelError(NetsimError):
+    """Neither the host kernel nor a user-mode Linux guest can run what was asked."""
+
+
+class GuestError(NetsimError):
+    """The user-mode Linux guest failed to boot, to set up, or to report a result."""

@@ -145,6 +145,7 @@ class Proxier:
             except Exception as exc:           # a mode the kernel cannot run leaves nothing
                 log(f"cleanup of {mode} mode skipped: {type(exc).__name__}: {exc}")
                 continue
+            self.status.setdefault("cleanup", {})[mode] = removed
             if removed and removed != "nothing":
                 log(f"removed {mode} mode leftovers: {removed}")
 

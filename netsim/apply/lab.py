@@ -170,6 +170,8 @@ def start_kubeproxy(plan: LabPlan, node: str, url: str, st: LabState) -> Process
             "--service-cidr", plan.service_cidr, "--iface", naming.UPLINK,
             "--mode", plan.proxy_mode, "--iptables-backend", plan.iptables_backend, "--min-sync-period", str(plan.min_sync_period),
             "--status-file", str(d / f"{node}.json"), "--ready-file", str(d / f"{node}.ready")]
+    if plan.proxy_mode == "ipvs":
+        args += ["--backend-opt", f"scheduler={plan.ipvs_scheduler}"]
     return start_agent(st, "kube-proxy", n.netns, node, args)
 
 

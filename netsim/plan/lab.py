@@ -96,7 +96,7 @@ def plan_lab(topo: Topology, previous: LabPlan | None = None,
                    tuple(spaces), c.registry, network_config(topo).to_json(), c.lease_ttl,
                    c.renew_margin, c.underlay_mtu, c.direct_routing, c.bridge)
     return replace(plan, overlay_state=plan_overlay(plan), registry_endpoint=c.registry_endpoint or "",
-                   min_sync_period=c.min_sync_period)
+                   min_sync_period=c.min_sync_period, ipvs_scheduler=c.ipvs_scheduler)
 
 
 def _plan_pods(topo: Topology, nodes: tuple[NodePlan, ...], previous: LabPlan | None) -> tuple[PodPlan, ...]:

@@ -130,6 +130,7 @@ class LabPlan:
     overlay_state: tuple[NodeOverlay, ...] = ()
     registry_endpoint: str = ""        # a user's etcd, used instead of starting one
     min_sync_period: float = 1.0       # kube-proxy agents' --min-sync-period
+    ipvs_scheduler: str = "rr"         # kube-proxy --ipvs-scheduler (proxyMode: ipvs)
 
     def to_dict(self) -> dict:
         return asdict(self)

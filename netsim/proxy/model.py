@@ -71,3 +71,5 @@ class NodeContext:
     random_fully: bool = True        # iptables >= 1.6.2
     localhost_nodeports: bool = True
     service_cidrs: tuple[str, ...] = ()   # nftables mode drops traffic to unallocated ClusterIPs
+    ipvs_scheduler: str = "rr"       # IPVS mode: --ipvs-scheduler
+    ipvs_strict_arp: bool = True     # IPVS mode: --ipvs-strict-arp (needed beside an L2 announcer)

@@ -149,130 +149,140 @@ def _family(node: NodeContext) -> tuple[bool, str, str]:
 
 def render(ports: Sequence[ServicePort], node: NodeContext) -> State:
     """The objects kube-proxy's ``syncProxyRules`` keeps for ``ports`` on ``node``."""
+    v6, _, _ = _family(node)
+    elements: dict[str, dict[str, str]] = {c: {} for c in ELEMENT_CONTAINERS}
+    out: dict[str, PortObjects] = {}
+    for p in sorted(ports, key=lambda p: (p.spn, p.proto, p.port)):
+        obj, elems = _render_port(p, node)
+        out[p.spn + p.proto] = obj
+        for container, k, body in elems:
+            elements[container][k] = body
+    node_ips = tuple(ip for ip in node.node_ips if (":" in ip) == v6 and not ipaddress.ip_address(ip).is_loopback)
+    cidrs = tuple(c for c in getattr(node, "service_cidrs", ()) if (":" in c) == v6)
+    return State(node_ips, cidrs, out, elements)
+
+
+@lru_cache(maxsize=1 << 16)
+def _render_port(p: ServicePort, node: NodeContext) -> tuple[PortObjects, tuple[tuple[str, str, str], ...]]:
+    """One service port's chains, affinity sets and (container, key, body) elements.
+    Cached: a sync re-renders only the ports that changed (the result is never mutated)."""
     v6, ipx, _ = _family(node)
     masq_all = bool(getattr(node, "masquerade_all", False))
     detector = bool(node.pod_cidr)
     node_ip = next((ipaddress.ip_address(ip) for ip in node.node_ips if (":" in ip) == v6), None)
-    elements: dict[str, dict[str, str]] = {c: {} for c in ELEMENT_CONTAINERS}
-    out: dict[str, PortObjects] = {}
+    elements: list[tuple[str, str, str]] = []
 
     def element(container: str, key: list[str], value: str | None = None, comment: str | None = None) -> None:
         k = " . ".join(key)
-        body = k + (f' comment "{comment}"' if comment else "") + (f" : {value}" if value else "")
-        elements[container][k] = body
+        elements.append((container, k, k + (f' comment "{comment}"' if comment else "") + (f" : {value}" if value else "")))
 
-    for p in sorted(ports, key=lambda p: (p.spn, p.proto, p.port)):
-        if any((":" in e.ip) != v6 for e in p.endpoints):
-            p = replace(p, endpoints=tuple(e for e in p.endpoints if (":" in e.ip) == v6))
-        proto, spn, port_s = p.proto, p.spn, str(p.port)
-        base = port_base(p)
-        cluster_chain, local_chain = "service-" + base, "local-" + base
-        ext_chain, fw_chain = "external-" + base, "firewall-" + base
-        cluster, local, reachable, has_endpoints = _categorize(p, node.name)
-        external_ips = [ip for ip in p.external_ips if (":" in ip) == v6]
-        lb_ips = [ip for ip in p.load_balancer_ips if (":" in ip) == v6]
-        accessible = bool(p.node_port or external_ips or lb_ips)
-        affinity = p.affinity_timeout
+    if any((":" in e.ip) != v6 for e in p.endpoints):
+        p = replace(p, endpoints=tuple(e for e in p.endpoints if (":" in e.ip) == v6))
+    proto, spn, port_s = p.proto, p.spn, str(p.port)
+    base = port_base(p)
+    cluster_chain, local_chain = "service-" + base, "local-" + base
+    ext_chain, fw_chain = "external-" + base, "firewall-" + base
+    cluster, local, reachable, has_endpoints = _categorize(p, node.name)
+    external_ips = [ip for ip in p.external_ips if (":" in ip) == v6]
+    lb_ips = [ip for ip in p.load_balancer_ips if (":" in ip) == v6]
+    accessible = bool(p.node_port or external_ips or lb_ips)
+    affinity = p.affinity_timeout
 
-        obj = PortObjects(f"{spn} ({proto})")
-        chains = obj.chains
-        ep_chain = {endpoint_string(e): "endpoint-" + endpoint_base(p, endpoint_string(e)) for e in reachable}
-        for c in ep_chain.values():
-            chains[c] = []
-        uses_cluster = bool(cluster)
-        uses_local = bool(local)
-        if uses_cluster:
-            chains[cluster_chain] = []
-        if uses_local:
-            chains[local_chain] = []
-        internal_chain, has_internal = cluster_chain, has_endpoints
-        if p.internal_policy_local:
-            internal_chain, has_internal = local_chain, bool(local) and has_endpoints
-        external_policy_chain, has_external = cluster_chain, has_endpoints
-        epol_local = p.external_policy_local and accessible
-        if epol_local:
-            external_policy_chain, has_external = local_chain, bool(local) and has_endpoints
-        uses_ext = has_endpoints and accessible
-        if uses_ext:
-            chains[ext_chain] = []
-        ranges = _source_ranges(p, v6) if lb_ips else []
-        uses_fw = bool(lb_ips) and bool(ranges)
-        if uses_fw:
-            chains[fw_chain] = []
+    obj = PortObjects(f"{spn} ({proto})")
+    chains = obj.chains
+    ep_chain = {endpoint_string(e): "endpoint-" + endpoint_base(p, endpoint_string(e)) for e in reachable}
+    for c in ep_chain.values():
+        chains[c] = []
+    uses_cluster = bool(cluster)
+    uses_local = bool(local)
+    if uses_cluster:
+        chains[cluster_chain] = []
+    if uses_local:
+        chains[local_chain] = []
+    internal_chain, has_internal = cluster_chain, has_endpoints
+    if p.internal_policy_local:
+        internal_chain, has_internal = local_chain, bool(local) and has_endpoints
+    external_policy_chain, has_external = cluster_chain, has_endpoints
+    epol_local = p.external_policy_local and accessible
+    if epol_local:
+        external_policy_chain, has_external = local_chain, bool(local) and has_endpoints
+    uses_ext = has_endpoints and accessible
+    if uses_ext:
+        chains[ext_chain] = []
+    ranges = _source_ranges(p, v6) if lb_ips else []
+    uses_fw = bool(lb_ips) and bool(ranges)
+    if uses_fw:
+        chains[fw_chain] = []
 
-        if not has_endpoints:
-            internal_verdict = external_verdict = f"goto {REJECT_CHAIN}"
-        else:
-            internal_verdict = None if has_internal else "drop"
-            external_verdict = None if has_external else "drop"
+    if not has_endpoints:
+        internal_verdict = external_verdict = f"goto {REJECT_CHAIN}"
+    else:
+        internal_verdict = None if has_internal else "drop"
+        external_verdict = None if has_external else "drop"
 
-        # elements: ClusterIP, externalIPs, LB IPs, NodePort
-        element(CLUSTER_IPS, [p.cluster_ip])
-        if has_internal:
-            element(SERVICE_IPS, [p.cluster_ip, proto, port_s], f"goto {internal_chain}")
-        else:
-            element(NO_ENDPOINT_SERVICES, [p.cluster_ip, proto, port_s], internal_verdict, spn)
-        for eip in external_ips:
-            if has_endpoints:
-                element(SERVICE_IPS, [eip, proto, port_s], f"goto {ext_chain}")
-            if not has_external:
-                element(NO_ENDPOINT_SERVICES, [eip, proto, port_s], external_verdict, spn)
-        for lbip in lb_ips:
-            if has_endpoints:
-                element(SERVICE_IPS, [lbip, proto, port_s], f"goto {ext_chain}")
-            if uses_fw:
-                element(FIREWALL_IPS, [lbip, proto, port_s], f"goto {fw_chain}")
+    # elements: ClusterIP, externalIPs, LB IPs, NodePort
+    element(CLUSTER_IPS, [p.cluster_ip])
+    if has_internal:
+        element(SERVICE_IPS, [p.cluster_ip, proto, port_s], f"goto {internal_chain}")
+    else:
+        element(NO_ENDPOINT_SERVICES, [p.cluster_ip, proto, port_s], internal_verdict, spn)
+    for eip in external_ips:
+        if has_endpoints:
+            element(SERVICE_IPS, [eip, proto, port_s], f"goto {ext_chain}")
         if not has_external:
-            for lbip in lb_ips:
-                element(NO_ENDPOINT_SERVICES, [lbip, proto, port_s], external_verdict, spn)
-        if p.node_port:
-            if has_endpoints:
-                element(SERVICE_NODEPORTS, [proto, str(p.node_port)], f"goto {ext_chain}")
-            if not has_external:
-                element(NO_ENDPOINT_NODEPORTS, [proto, str(p.node_port)], external_verdict, spn)
-
-        # rules
-        if has_internal:
-            if masq_all:
-                chains[internal_chain].append(f"{ipx} daddr {p.cluster_ip} jump {MARK_MASQ}")
-            elif detector:
-                chains[internal_chain].append(f"{ipx} daddr {p.cluster_ip} {ipx} saddr != {node.pod_cidr} "
-                                              f"jump {MARK_MASQ}")
-        if uses_ext:
-            rules = chains[ext_chain]
-            if not epol_local:
-                rules.append(f"jump {MARK_MASQ}")
-            else:
-                if detector:
-                    rules.append(f'{ipx} saddr {node.pod_cidr} goto {cluster_chain} comment "short-circuit pod traffic"')
-                rules.append(f'fib saddr type local jump {MARK_MASQ} comment "masquerade local traffic"')
-                rules.append(f'fib saddr type local goto {cluster_chain} comment "short-circuit local traffic"')
-            if has_external:
-                rules.append(f"goto {external_policy_chain}")
+            element(NO_ENDPOINT_SERVICES, [eip, proto, port_s], external_verdict, spn)
+    for lbip in lb_ips:
+        if has_endpoints:
+            element(SERVICE_IPS, [lbip, proto, port_s], f"goto {ext_chain}")
         if uses_fw:
-            sources = [str(n) for n in ranges]
-            if node_ip is not None and any(node_ip in n for n in ranges):
-                sources += lb_ips                   # a node's own traffic to its LB IP loops back
-            chains[fw_chain].append(f"{ipx} saddr != {{ {' , '.join(sources)} }} drop")
-        if affinity is not None:
-            for es in ep_chain:
-                obj.affinity["affinity-" + endpoint_base(p, es)] = affinity
-        if uses_cluster:
-            _lb_rules(chains[cluster_chain], ipx, p, cluster, ep_chain, affinity)
-        if uses_local:
-            _lb_rules(chains[local_chain], ipx, p, local, ep_chain, affinity)
-        for e in reachable:
-            es = endpoint_string(e)
-            rules = chains[ep_chain[es]]
-            rules.append(f"{ipx} saddr {e.ip} jump {MARK_MASQ}")
-            if affinity is not None:
-                rules.append(f"update @affinity-{endpoint_base(p, es)} {{ {ipx} saddr }}")
-            rules.append(f"meta l4proto {proto} dnat to {es}")
-        out[p.spn + p.proto] = obj
+            element(FIREWALL_IPS, [lbip, proto, port_s], f"goto {fw_chain}")
+    if not has_external:
+        for lbip in lb_ips:
+            element(NO_ENDPOINT_SERVICES, [lbip, proto, port_s], external_verdict, spn)
+    if p.node_port:
+        if has_endpoints:
+            element(SERVICE_NODEPORTS, [proto, str(p.node_port)], f"goto {ext_chain}")
+        if not has_external:
+            element(NO_ENDPOINT_NODEPORTS, [proto, str(p.node_port)], external_verdict, spn)
 
-    node_ips = tuple(ip for ip in node.node_ips if (":" in ip) == v6 and not ipaddress.ip_address(ip).is_loopback)
-    cidrs = tuple(c for c in getattr(node, "service_cidrs", ()) if (":" in c) == v6)
-    return State(node_ips, cidrs, out, elements)
+    # rules
+    if has_internal:
+        if masq_all:
+            chains[internal_chain].append(f"{ipx} daddr {p.cluster_ip} jump {MARK_MASQ}")
+        elif detector:
+            chains[internal_chain].append(f"{ipx} daddr {p.cluster_ip} {ipx} saddr != {node.pod_cidr} "
+                                          f"jump {MARK_MASQ}")
+    if uses_ext:
+        rules = chains[ext_chain]
+        if not epol_local:
+            rules.append(f"jump {MARK_MASQ}")
+        else:
+            if detector:
+                rules.append(f'{ipx} saddr {node.pod_cidr} goto {cluster_chain} comment "short-circuit pod traffic"')
+            rules.append(f'fib saddr type local jump {MARK_MASQ} comment "masquerade local traffic"')
+            rules.append(f'fib saddr type local goto {cluster_chain} comment "short-circuit local traffic"')
+        if has_external:
+            rules.append(f"goto {external_policy_chain}")
+    if uses_fw:
+        sources = [str(n) for n in ranges]
+        if node_ip is not None and any(node_ip in n for n in ranges):
+            sources += lb_ips                   # a node's own traffic to its LB IP loops back
+        chains[fw_chain].append(f"{ipx} saddr != {{ {' , '.join(sources)} }} drop")
+    if affinity is not None:
+        for es in ep_chain:
+            obj.affinity["affinity-" + endpoint_base(p, es)] = affinity
+    if uses_cluster:
+        _lb_rules(chains[cluster_chain], ipx, p, cluster, ep_chain, affinity)
+    if uses_local:
+        _lb_rules(chains[local_chain], ipx, p, local, ep_chain, affinity)
+    for e in reachable:
+        es = endpoint_string(e)
+        rules = chains[ep_chain[es]]
+        rules.append(f"{ipx} saddr {e.ip} jump {MARK_MASQ}")
+        if affinity is not None:
+            rules.append(f"update @affinity-{endpoint_base(p, es)} {{ {ipx} saddr }}")
+        rules.append(f"meta l4proto {proto} dnat to {es}")
+    return obj, tuple(elements)
 
 
 def _lb_rules(rules: list[str], ipx: str, p: ServicePort, endpoints, ep_chain: dict[str, str],

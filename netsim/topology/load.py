@@ -5,6 +5,7 @@ is raised before anything is created.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from collections import Counter
 from ipaddress import IPv4Address, IPv4Network
@@ -18,13 +19,14 @@ from ..errors import Problem, TopologyError
 from ..plan import scheduler   # a module reference: plan.scheduler imports topology.model
 from .check import Checker, _kind, join
 from .manifests import ManifestSet, expand_deployment, read_object
-from .model import (IPTABLES_BACKENDS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluster, ExternalSpec,
+from .model import (IPTABLES_BACKENDS, IPVS_SCHEDULERS, OVERLAYS, PROXY_MODES, REGISTRIES, Cluster, ExternalSpec,
                     NodeSpec, Topology)
 
 TOP_FIELDS = {"name", "cluster", "nodes", "externals", "manifests"}
 CLUSTER_FIELDS = {"podCIDR", "serviceCIDR", "nodeSubnetLength", "underlayCIDR", "underlayMTU",
                   "proxyMode", "overlay", "registry", "registryEndpoint", "loadBalancerPool",
-                  "bridge", "iptablesBackend", "directRouting", "leaseTTL", "renewMargin", "minSyncPeriod"}
+                  "bridge", "iptablesBackend", "directRouting", "leaseTTL", "renewMargin", "minSyncPeriod",
+                  "ipvsScheduler"}
 LAB_NAME_MAX = 32
 
 
@@ -152,6 +154,16 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
                      "kube-proxy's default is 1")
         else:
             sync = float(value)
+    scheduler = d.ipvs_scheduler
+    if "ipvsScheduler" in raw:
+        value = raw["ipvsScheduler"]
+        if value not in IPVS_SCHEDULERS:
+            close = difflib.get_close_matches(str(value), IPVS_SCHEDULERS, n=1)
+            ck.error("cluster.ipvsScheduler", f"must be one of {', '.join(IPVS_SCHEDULERS)}; got {value!r}",
+                     f"kube-proxy's --ipvs-scheduler; rr (round robin) is the default"
+                     + (f"; did you mean '{close[0]}'?" if close else ""))
+        else:
+            scheduler = value
     direct = d.direct_routing
     if "directRouting" in raw:
         direct = ck.boolean(raw["directRouting"], "cluster.directRouting") or False
@@ -172,7 +184,8 @@ def _cluster(raw: dict, ck: Checker) -> Cluster:
         load_balancer_pool=tuple(pool), bridge=bridge,
         iptables_backend=ck.choice(raw.get("iptablesBackend"), "cluster.iptablesBackend",
                                    IPTABLES_BACKENDS, d.iptables_backend),
-        direct_routing=direct, lease_ttl=ttl, renew_margin=margin, min_sync_period=sync)
+        direct_routing=direct, lease_ttl=ttl, renew_margin=margin, min_sync_period=sync,
+        ipvs_scheduler=scheduler)
 
 
 def _endpoint(value: Any, ck: Checker) -> str | None:

@@ -12,6 +12,7 @@ PROXY_MODES = ("iptables", "ipvs", "nftables")
 OVERLAYS = ("vxlan", "host-gw")
 REGISTRIES = ("embedded", "etcd")
 IPTABLES_BACKENDS = ("nft", "legacy")
+IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh")  # --ipvs-scheduler
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Cluster:
     lease_ttl: int = 86400                # flannel subnet lease TTL (seconds)
     renew_margin: int = 3600              # renew when less than this remains
     min_sync_period: float = 1.0          # kube-proxy --min-sync-period (seconds)
+    ipvs_scheduler: str = "rr"            # kube-proxy --ipvs-scheduler (proxyMode: ipvs)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,10 @@
-"""Kernel tests for the kube-proxy clone (iptables mode): real traffic through real rules."""
+"""Kernel tests for the kube-proxy clone: real traffic through real rules, in each proxy mode.
+
+The module-scoped lab runs once per mode in ``MODES``; tests of one mode's kernel objects
+(``iptables-save`` shapes, the ``ip kube-proxy`` table) read them with that mode's tool.
+Lab names are ``<prefix><pid><mode>``; ``NETSIM_TEST_LAB_PREFIX`` sets the prefix
+(default ``t``) so parallel runs on one machine never collide.
+"""
 from __future__ import annotations
 
 import json
@@ -13,9 +19,11 @@ from labs import machine_snapshot, netsim, status
 
 pytestmark = pytest.mark.root
 
+MODES = ("iptables", "nftables")
+
 TOPOLOGY = """
 name: {lab}
-cluster: {{minSyncPeriod: 0.1, loadBalancerPool: [192.168.100.240/28]}}
+cluster: {{minSyncPeriod: 0.1, loadBalancerPool: [192.168.100.240/28], proxyMode: {mode}}}
 nodes: [n1, n2]
 externals: [ext]
 manifests:
@@ -45,12 +53,17 @@ manifests:
 """
 
 
+@pytest.fixture(scope="module", params=MODES)
+def mode(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    name = f"t{os.getpid() % 10000}kp"
+def lab(tmp_path_factory, mode):
+    name = f"{os.environ.get('NETSIM_TEST_LAB_PREFIX', 't')}{os.getpid() % 10000}{mode[:2]}"
     before = machine_snapshot(name)
     topo = tmp_path_factory.mktemp("kp") / "kp.yaml"
-    topo.write_text(TOPOLOGY.format(lab=name))
+    topo.write_text(TOPOLOGY.format(lab=name, mode=mode))
     netsim("up", str(topo), "--timeout", "60")
     try:
         yield name
@@ -69,6 +82,27 @@ def run(lab: str, target: str, *cmd: str, check: bool = True) -> subprocess.Comp
 
 def curl(lab: str, target: str, url: str, timeout: float = 2) -> str:
     return run(lab, target, "curl", "-s", "--max-time", str(timeout), url, check=False).stdout
+
+
+def programmed(lab: str, node: str, mode: str) -> str:
+    """The node's kube-proxy state as its mode's own tool prints it."""
+    if mode == "nftables":            # affinity sets' dynamic elements expire: left out
+        table = json.loads(run(lab, node, "nft", "-j", "list", "table", "ip", "kube-proxy").stdout)["nftables"]
+        objs = [{k: {f: x for f, x in v.items() if not (k == "set" and f == "elem" and v["name"].startswith("affinity-"))}
+                 for k, v in o.items()} for o in table if "metainfo" not in o]
+        return "\n".join(sorted(json.dumps(o, sort_keys=True) for o in objs))
+    return run(lab, node, "iptables-nft-save", "-t", "nat").stdout
+
+
+def service_chain(mode: str, namespace: str, name: str, port_name: str = "", proto: str = "tcp") -> str:
+    """The name of a Service port's load-balancing chain in ``mode``."""
+    from netsim.proxy.model import ServicePort
+    sp = ServicePort(namespace, name, port_name, proto.upper(), 0, "")
+    if mode == "nftables":
+        from netsim.proxy.nftables import port_base
+        return "service-" + port_base(sp)
+    from netsim.proxy.iptables import service_chain_suffix
+    return "KUBE-SVC-" + service_chain_suffix(sp.spn, proto)
 
 
 def test_selftest_covers_every_service_path(lab):
@@ -93,14 +127,18 @@ def test_icmp_to_a_clusterip_gets_no_answer(lab):
     assert done.returncode != 0
 
 
-def test_service_without_endpoints_is_refused_at_once(lab):
+def test_service_without_endpoints_is_refused_at_once(lab, mode):
     ip = services(lab)["cluster_ips"]["default/empty"]
     t0 = time.monotonic()
     done = run(lab, "client", "curl", "-s", "--max-time", "5", f"http://{ip}/", check=False)
     assert done.returncode == 7                              # connection refused (REJECT)
     assert time.monotonic() - t0 < 2.0
-    rules = run(lab, "n1", "iptables-nft-save", "-t", "filter").stdout
-    assert '"default/empty has no endpoints"' in rules and "-j REJECT" in rules
+    if mode == "nftables":
+        elements = run(lab, "n1", "nft", "list", "map", "ip", "kube-proxy", "no-endpoint-services").stdout
+        assert f'{ip} . tcp . 80 comment "default/empty" : goto reject-chain' in elements
+    else:
+        rules = run(lab, "n1", "iptables-nft-save", "-t", "filter").stdout
+        assert '"default/empty has no endpoints"' in rules and "-j REJECT" in rules
 
 
 def test_hairpin_to_own_service_is_masqueraded(lab):
@@ -139,7 +177,9 @@ def test_loadbalancer_ip_is_announced_by_arp(lab):
     assert len(speaker) == 1 and "lladdr" in neigh
 
 
-def test_iptables_save_shows_kube_proxy_shapes(lab):
+def test_iptables_save_shows_kube_proxy_shapes(lab, mode):
+    if mode != "iptables":
+        pytest.skip("iptables mode's rule shapes")
     from netsim.proxy.iptables import service_chain_suffix
     nat = run(lab, "n2", "iptables-nft-save", "-t", "nat").stdout
     assert f"KUBE-SVC-{service_chain_suffix('default/web', 'tcp')}" in nat
@@ -150,25 +190,38 @@ def test_iptables_save_shows_kube_proxy_shapes(lab):
     assert "--dst-type LOCAL -j KUBE-NODEPORTS" in services_rules[-1]
 
 
-def test_apply_and_delete_reprogram_every_node_and_bad_input_changes_nothing(lab, tmp_path):
-    from netsim.proxy.iptables import service_chain_suffix
-    chain = f"KUBE-SVC-{service_chain_suffix('default/extra', 'tcp')}"
+def test_nft_list_shows_kube_proxy_layout(lab, mode):
+    if mode != "nftables":
+        pytest.skip("nftables mode's table")
+    table = run(lab, "n2", "nft", "list", "table", "ip", "kube-proxy").stdout
+    web = services(lab)["cluster_ips"]["default/web"]
+    for want in ("type filter hook prerouting priority dstnat - 10;", "type nat hook postrouting priority srcnat;",
+                 "map service-ips {", "map service-nodeports {", "set cluster-ips {", "set nodeport-ips {",
+                 f"{web} . tcp . 80 : goto {service_chain('nftables', 'default', 'web')}",
+                 "numgen random mod 3 vmap {", "meta mark set meta mark | 0x00004000", "masquerade fully-random",
+                 "flags dynamic,timeout", "tcp . 30100 : goto external-"):
+        assert want in table, want
+    assert "KUBE-" not in run(lab, "n2", "iptables-nft-save").stdout
+
+
+def test_apply_and_delete_reprogram_every_node_and_bad_input_changes_nothing(lab, mode, tmp_path):
+    chain = service_chain(mode, "default", "extra")
     extra = tmp_path / "extra.yaml"
     extra.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: extra}\n"
                      "spec: {selector: {app: web}, ports: [{port: 8081, targetPort: 8080}]}\n")
     out = netsim("apply", "-f", str(extra), "--lab", lab).stdout
     assert "reprogrammed on every node" in out
     for node in ("n1", "n2"):
-        assert chain in run(lab, node, "iptables-nft-save", "-t", "nat").stdout
-    before = run(lab, "n1", "iptables-nft-save", "-t", "nat").stdout
+        assert chain in programmed(lab, node, mode)
+    before = programmed(lab, "n1", mode)
     bad = tmp_path / "bad.yaml"
     bad.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: clash}\n"
                    "spec: {type: NodePort, selector: {app: web}, ports: [{port: 80, nodePort: 30100}]}\n")
     done = netsim("apply", "-f", str(bad), "--lab", lab, check=False)
     assert done.returncode == 2 and "30100" in done.stderr and "nothing was changed" in done.stderr
-    after = run(lab, "n1", "iptables-nft-save", "-t", "nat").stdout
+    after = programmed(lab, "n1", mode)
     strip = lambda text: [l for l in text.splitlines() if not l.startswith(("#", ":"))]
     assert strip(after) == strip(before)
     netsim("delete", "-f", str(extra), "--lab", lab)
     for node in ("n1", "n2"):
-        assert chain not in run(lab, node, "iptables-nft-save", "-t", "nat").stdout
+        assert chain not in programmed(lab, node, mode)
