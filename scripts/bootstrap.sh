@@ -15,7 +15,7 @@ PACKAGES=(
   mininet                                              # Mininet's Python module and mnexec
   iperf3 tcpdump tshark iputils-ping curl procps       # traffic, capture and inspection
   etcd-server etcd-client                              # the real-etcd registry backend
-  user-mode-linux                                      # kernel runner for features this kernel lacks
+  user-mode-linux kmod                                 # kernel runner for features this kernel lacks (modprobe in the guest)
   dnsmasq-base containernetworking-plugins             # cluster DNS, reference CNI plugins
   python3 python3-venv python3-pip
 )

@@ -94,11 +94,10 @@ def guest_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {
         "PATH": f"/run/netsim-uml/bin:{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": os.environ.get("HOME", "/root"), "TMPDIR": "/run/netsim-uml/tmp",
-        "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", IN_GUEST_ENV: "1",
+        "PYTHONUNBUFFERED": "1", IN_GUEST_ENV: "1",
     }
     if not sys.stdout.isatty():                 # the guest console is a tty; the host's output is not
-        env["NO_COLOR"] = env["PY_COLORS"] = "0"
-        env["NO_COLOR"] = "1"
+        env.update(NO_COLOR="1", PY_COLORS="0")
     for key in PASS_ENV:
         if key in os.environ:
             env[key] = os.environ[key]
@@ -230,6 +229,8 @@ def prepare(command: Sequence[str], cwd: str | None = None, env: dict[str, str] 
         raise GuestError(f"user-mode Linux is not installed ({INSTALL_UML})")
     if os.geteuid() != 0:
         raise GuestError("running a UML guest needs root (its netsim labs program network namespaces)")
+    if not os.access("/usr/sbin/modprobe", os.X_OK):
+        raise GuestError("the UML guest loads its modules with modprobe, which is missing (apt-get install kmod)")
     sweep_stale()
     tmp = tmp or new_run_dir()
     init = tmp / "init"
