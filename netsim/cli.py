@@ -174,6 +174,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default="bench-", help="prefix of the labs and namespaces made (default bench-)")
     s.add_argument("--out", help="results directory (default benchmarks/results/proxy-modes-PROFILE)")
     s.add_argument("--no-plots", action="store_true", help="write no PNG/SVG plots")
+    s.add_argument("--deadline", type=float, help="seconds: Service counts that would end past it are skipped "
+                                                  "(default: the profile's)")
     s.set_defaults(func=cmd_bench)
     return p
 
@@ -475,7 +477,7 @@ def cmd_bench(args) -> int:
         raise NetsimError(f"unknown variant {bad[0]!r} (one of {', '.join(VARIANTS)})" if bad
                           else "--services: every N must be at least 1")
     _need_root()
-    result = run(profile, variants, args.prefix, args.services)
+    result = run(profile, variants, args.prefix, args.services, deadline=args.deadline)
     out = Path(args.out or f"benchmarks/results/proxy-modes-{args.profile}")
     files = report.write(result, out, plots=not args.no_plots)
     print(f"results: {', '.join(str(f) for f in files)}")

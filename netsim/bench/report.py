@@ -15,7 +15,7 @@ from . import stats
 
 CSV_FIELDS = ["variant", "metric", "path", "services", "position", "streams", "field",
               "n", "median", "ci_low", "ci_high", "min", "max", "mean"]
-PATH_NAMES = {"raw-veth": "raw veth (two namespaces)", "pod-same-node": "pod IP, same node",
+PATH_NAMES = {"raw-veth": "raw veth (two namespaces)", "raw-veth-uml": "raw veth in the UML guest", "pod-same-node": "pod IP, same node",
               "pod-cross-node": "pod IP, other node", "clusterip-same-node": "ClusterIP, backend on the same node",
               "clusterip-cross-node": "ClusterIP, backend on the other node"}
 POSITION_MEANING = {
@@ -74,6 +74,11 @@ def fmt_ratio(a: list[float], b: list[float]) -> str:
     return f"{r['ratio']:.2f} [{r['ci_low']:.2f}–{r['ci_high']:.2f}]"
 
 
+def raw_path(variant: str | None) -> str:
+    """The raw veth measured on the variant's kernel: variants run in UML end in ``@uml``."""
+    return "raw-veth-uml" if variant and variant.endswith("@uml") else "raw-veth"
+
+
 def service_counts(result: dict, variant: str) -> list[int]:
     return sorted({m["services"] for m in result["measurements"]
                    if m["variant"] == variant and m["metric"] == "connect" and m["services"]})
@@ -86,10 +91,13 @@ def ran(result: dict) -> list[dict]:
 def markdown(result: dict, plots: list[str] = ()) -> str:
     env, prof = result["environment"], result["profile"]
     L = [f"# kube-proxy modes on this machine ({prof['name']} profile)", ""]
+    guest = env.get("uml_guest")
     L += [f"Run {env['date']}, {env['seconds']:.0f} s; kernel {env['kernel']} ({env['kernel_kind']}), "
           f"{env['cores']} cores ({env['cpu']}), load average {env['loadavg_start'][0]:.1f} at the start and "
           f"{env['loadavg_end'][0]:.1f} at the end. Tools: {env['iperf3']}; {env['iptables_legacy']}; "
-          f"{env['iptables_nft']}; {env['nft']}.", ""]
+          f"{env['iptables_nft']}; {env['nft']}."
+          + (f" Variants marked `@uml` ran in a user-mode Linux guest: kernel {guest['kernel']}, "
+             f"{guest['cores']} core, compared with the raw veth measured inside that guest." if guest else ""), ""]
     L += ["Values are medians over repetitions with a 95 % bootstrap interval in brackets "
           f"(connect: {prof['repeat']} repetitions of up to {prof['connections']} connections or "
           f"{prof['connect_seconds']:g} s, after {prof['connect_warmup']} unrecorded; iperf3: "
@@ -99,7 +107,6 @@ def markdown(result: dict, plots: list[str] = ()) -> str:
     for p in plots:
         L += [f"![{p}]({p})", ""]
 
-    raw_c = find(result, variant=None, metric="connect", path="raw-veth")
     L += ["## Variants", "", "| variant | proxy mode | iptables back end | kernel | where first/last matters | notes |",
           "|---|---|---|---|---|---|"]
     for v in result["variants"]:
@@ -124,6 +131,7 @@ def markdown(result: dict, plots: list[str] = ()) -> str:
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in ran(result):
         name = v["variant"]
+        raw_c = find(result, variant=None, metric="connect", path=raw_path(name))
         base = find(result, variant=name, metric="connect", path="pod-same-node", services=0)
         if base:
             L.append(f"| {name} | no Services | – | – | – | – | – | {fmt(base['summary']['p50_us'])} | "
@@ -140,9 +148,11 @@ def markdown(result: dict, plots: list[str] = ()) -> str:
                      f"{fmt(s(pod, 'p50_us'))} | {fmt(s(last, 'rate_per_s'), digits=0)} | "
                      f"{fmt_ratio(values(last, 'p50_us'), values(base, 'p50_us'))} | "
                      f"{fmt_ratio(values(last, 'p50_us'), values(raw_c, 'p50_us'))} |")
-    if raw_c:
-        L.append(f"| raw veth | – | – | – | – | – | – | {fmt(raw_c['summary']['p50_us'])} | "
-                 f"{fmt(raw_c['summary']['rate_per_s'], digits=0)} | – | 1 |")
+    for path in ("raw-veth", "raw-veth-uml"):
+        raw_c = find(result, variant=None, metric="connect", path=path)
+        if raw_c:
+            L.append(f"| {PATH_NAMES[path]} | – | – | – | – | – | – | {fmt(raw_c['summary']['p50_us'])} | "
+                     f"{fmt(raw_c['summary']['rate_per_s'], digits=0)} | – | 1 |")
     L.append("")
 
     # throughput
@@ -151,13 +161,16 @@ def markdown(result: dict, plots: list[str] = ()) -> str:
           "number of streams.", "",
           "| variant | path | N | 1 stream | ÷ raw veth | parallel | ÷ raw veth |", "|---|---|---|---|---|---|---|"]
     par = prof["parallel_streams"]
-    raw1 = find(result, variant=None, metric="throughput", path="raw-veth", streams=1)
-    rawp = find(result, variant=None, metric="throughput", path="raw-veth", streams=par)
-    if raw1:
-        L.append(f"| – | {PATH_NAMES['raw-veth']} | – | {fmt(raw1['summary']['gbit_s'])} | 1 | "
-                 f"{fmt(rawp['summary']['gbit_s']) if rawp else '–'} | 1 |")
+    for path in ("raw-veth", "raw-veth-uml"):
+        raw1 = find(result, variant=None, metric="throughput", path=path, streams=1)
+        rawp = find(result, variant=None, metric="throughput", path=path, streams=par)
+        if raw1:
+            L.append(f"| – | {PATH_NAMES[path]} | – | {fmt(raw1['summary']['gbit_s'])} | 1 | "
+                     f"{fmt(rawp['summary']['gbit_s']) if rawp else '–'} | 1 |")
     for v in ran(result):
         name = v["variant"]
+        raw1 = find(result, variant=None, metric="throughput", path=raw_path(name), streams=1)
+        rawp = find(result, variant=None, metric="throughput", path=raw_path(name), streams=par)
         ns = service_counts(result, name)
         cells = [("pod-same-node", 0, None), ("pod-cross-node", 0, None)]
         if ns:

@@ -65,7 +65,8 @@ class Interrupted(Exception):
 
 class Runner:
     def __init__(self, profile: Profile, variants: list[str], prefix: str = "bench-",
-                 services: list[int] | None = None, log: Callable[[str], None] | None = None):
+                 services: list[int] | None = None, log: Callable[[str], None] | None = None,
+                 deadline: float | None = None):
         self.p = profile
         self.variants = variants
         self.prefix = prefix
@@ -78,6 +79,10 @@ class Runner:
         self.t0 = time.monotonic()
         self._log = log or (lambda m: print(m, flush=True))
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}bench-"))
+        self.deadline = deadline if deadline is not None else profile.deadline_s
+        self.host_deadline = self.deadline             # less when a UML guest run follows
+        self.level_seconds: dict[str, float] = {}      # data-plane seconds of a variant's last level
+        self.guest: dict | None = None                 # environment of the UML guest, if one ran
 
     # -- progress -----------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -140,29 +145,34 @@ class Runner:
         raw.down()
 
     # -- one variant ----------------------------------------------------------------------
-    def available(self, variant: str) -> str | None:
-        """None when the variant can run here; else why not."""
+    def where(self, variant: str) -> str:
+        """"host" when the variant runs on this kernel, "uml" when it needs the user-mode
+        Linux guest (IPVS on a kernel without it), otherwise the reason it cannot run."""
         mode, _ = VARIANTS[variant]
         from ..proxy.backend import backend_class
         try:
             backend_class(mode)
         except ImportError:
-            return f"netsim has no {mode} Backend yet (netsim.proxy.{mode}_apply)"
-        if mode == "ipvs" and not Path("/proc/net/ip_vs").exists():
-            probe = sh("ipvsadm", "-Ln", check=False)
-            if probe.returncode != 0:
-                return ("this kernel has no IPVS; run the ipvs variant in user-mode Linux: "
-                        "netsim kernel run -- netsim bench --variants ipvs")
-        return None
+            return f"skipped: netsim has no {mode} Backend (netsim.proxy.{mode}_apply)"
+        if mode == "ipvs" and not Path("/proc/net/ip_vs").exists() and sh("ipvsadm", "-Ln", check=False).returncode != 0:
+            from ..kernel.decide import in_guest
+            from ..kernel.features import uml_binary
+            if in_guest():
+                return "skipped: this UML guest kernel has no IPVS"
+            if uml_binary() is None:
+                return "skipped: this kernel has no IPVS and user-mode Linux is not installed"
+            return "uml"
+        return "host"
 
     def run_variant(self, variant: str) -> None:
         mode, ipt = VARIANTS[variant]
-        why = self.available(variant)
         info = {"variant": variant, "mode": mode, "iptables_backend": ipt}
         self.variant_info.append(info)
-        if why:
+        why = self.where(variant)
+        if why != "host":
             info["skipped"] = why
-            self.log(f"{variant}: skipped: {why}")
+            self.log(f"{variant}: " + ("this kernel has no IPVS: it runs in a user-mode Linux guest after the "
+                                       "host variants" if why == "uml" else why))
             return
         name = f"{self.prefix}{variant}"[:32]
         self.labs.append(name)
@@ -201,9 +211,11 @@ class Runner:
             i = 0
             while i < len(levels):
                 n = levels[i]
-                if self.elapsed() > self.p.deadline_s:
+                cost = self.predicted_level_s(variant, n)
+                if self.elapsed() + cost > self.host_deadline:
                     info.setdefault("skipped_services", []).append(n)
-                    self.log(f"{variant} N={n}: skipped, the run is past its {self.p.deadline_s:.0f} s deadline")
+                    self.log(f"{variant} N={n}: skipped: predicted {cost:.0f} s would pass the "
+                             f"{self.host_deadline:.0f} s deadline")
                     i += 1
                     continue
                 self.level(variant, lab, n, prog_ns)
@@ -223,6 +235,17 @@ class Runner:
         BenchLab.down(name)
         self.labs.remove(name)
 
+    def predicted_level_s(self, variant: str, n: int) -> float:
+        """Rough cost of measuring at ``n``: the data-plane part as the last level took, plus
+        loading n into the lab and the programming repetitions, from the predicted full sync."""
+        pts = sorted((m.services, m.summary["full_sync_s"]["median"]) for m in self.measurements
+                     if m.variant == variant and m.metric == "programming" and "full_sync_s" in m.summary)
+        if not pts:
+            return 0.0
+        sync = predict(pts, n)
+        reps = min(self.p.programming_repeat, max(1, int(self.p.programming_budget_s // max(sync, 1e-3)) + 1))
+        return self.level_seconds.get(variant, 0.0) + sync * (3 + reps)
+
     def levels_given(self) -> bool:
         return list(self.levels) != list(self.p.services)
 
@@ -233,13 +256,12 @@ class Runner:
                      if m.variant == variant and m.metric == "programming" and "full_sync_s" in m.summary)
         if len(pts) < 2:
             return False, math.inf
-        (n1, t1), (n2, t2) = pts[-2], pts[-1]
-        k = min(2.0, max(1.0, math.log(max(t2, 1e-6) / max(t1, 1e-6)) / math.log(n2 / n1)))
-        predicted = t2 * (self.p.large / n2) ** k
+        predicted = predict(pts, self.p.large)
         return predicted <= self.p.large_budget_s, predicted
 
     def level(self, variant: str, lab: BenchLab, n: int, prog_ns: str) -> None:
         p = self.p
+        started = time.monotonic()
         took = lab.load_synthetic(n, timeout=max(120.0, n / 20))
         load = Measurement(variant, "lab_load", "agents", services=n, repetitions=[{"seconds": took}])
         load.summarize(["seconds"])
@@ -280,7 +302,10 @@ class Runner:
 
         # one Service changed, through the lab's agents (registry write → both nodes' kernels)
         net = Measurement(variant, "network_programming", "agents", services=n)
+        t_net = time.monotonic()
         for k in range(p.network_repeat):
+            if k and time.monotonic() - t_net > p.programming_budget_s:
+                break                                  # bounded in time like the Backend's repetitions
             net.repetitions.append({"seconds": lab.change_one(k)})
         net.summarize(["seconds"])
         self.measurements.append(net)
@@ -297,6 +322,8 @@ class Runner:
                            repetitions=json.loads(done.stdout)["repetitions"])
         prog.summarize(["full_sync_s", "one_changed_s"])
         self.measurements.append(prog)
+        spent = time.monotonic() - started - took - sum(r["full_sync_s"] + r["one_changed_s"] for r in prog.repetitions)
+        self.level_seconds[variant] = max(spent, 0.0)
         self.log(f"{variant} N={n}: full sync {prog.summary['full_sync_s']['median'] * 1000:.0f} ms, "
                  f"one Service changed {prog.summary['one_changed_s']['median'] * 1000:.0f} ms "
                  f"(Backend, {len(prog.repetitions)} reps); through the agents "
@@ -310,12 +337,56 @@ class Runner:
                  + (f" (+{self.p.large} where it fits)" if self.p.large and not self.levels_given() else "")
                  + f"; kernel {env['kernel']} ({env['kernel_kind']}), {env['cores']} cores")
         self.raw_baseline()
+        if any(self.where(v) == "uml" for v in self.variants):
+            self.host_deadline = self.deadline - self.p.uml_reserve_s
         for v in self.variants:
             self.run_variant(v)
+        in_uml = [i["variant"] for i in self.variant_info if i.get("skipped") == "uml"]
+        measurements = [asdict(m) for m in self.measurements]
+        if in_uml:
+            self.variant_info = [i for i in self.variant_info if i.get("skipped") != "uml"]
+            # the same kernel's iptables mode beside it, so the modes compare on one kernel
+            guest_variants = in_uml + (["iptables-legacy"] if "iptables-legacy" not in in_uml else [])
+            measurements += self.run_guest(guest_variants)
         env["loadavg_end"] = loadavg()
         env["seconds"] = round(self.elapsed(), 1)
+        if self.guest:
+            env["uml_guest"] = self.guest
         return {"benchmark": "proxy_modes", "profile": asdict(self.p), "environment": env,
-                "variants": self.variant_info, "measurements": [asdict(m) for m in self.measurements]}
+                "variants": self.variant_info, "measurements": measurements}
+
+    def run_guest(self, variants: list[str]) -> list[dict]:
+        """Run the benchmark for ``variants`` inside a user-mode Linux guest (``netsim kernel
+        run``) with what is left of the deadline, stream its progress, and merge its results:
+        its variants become ``<name>@uml`` and its raw veth ``raw-veth-uml``."""
+        left = max(60.0, self.deadline - self.elapsed())
+        out = self.tmp / "uml"
+        argv = [PY, "-m", "netsim", "kernel", "run", "--timeout", str(int(left + 300)), "--",
+                PY, "-m", "netsim", "bench", "--profile", self.p.name, "--variants", *variants,
+                "--prefix", self.prefix, "--out", str(out), "--no-plots", "--deadline", str(int(left))]
+        levels = self.levels if self.levels_given() else self.p.uml_services
+        argv[argv.index("--no-plots"):argv.index("--no-plots")] = ["--services", *map(str, levels)]
+        self.log(f"{', '.join(variants)}: in a user-mode Linux guest (netsim kernel run), {left:.0f} s left")
+        proc = self.reaper.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            self.log(f"uml | {line.rstrip()}")
+        if proc.wait() != 0 or not (out / "results.json").exists():
+            for v in variants:
+                self.variant_info.append({"variant": f"{v}@uml", "mode": VARIANTS[v][0],
+                                          "iptables_backend": VARIANTS[v][1],
+                                          "skipped": f"the UML guest run failed (exit {proc.returncode})"})
+            return []
+        guest = json.loads((out / "results.json").read_text())
+        self.guest = guest["environment"]
+        for info in guest["variants"]:
+            info["variant"] += "@uml"
+            self.variant_info.append(info)
+        for m in guest["measurements"]:
+            if m["variant"] is None:
+                m["path"] += "-uml"
+            else:
+                m["variant"] += "@uml"
+        return guest["measurements"]
 
     def cleanup(self) -> None:
         """End every started process by PID, take labs down, delete namespaces."""
@@ -332,14 +403,25 @@ class Runner:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def predict(points: list[tuple[int, float]], n: int) -> float:
+    """Extrapolate a time measured at growing N to ``n``, with the growth exponent of the two
+    largest points held between 1 (linear) and 2 (quadratic)."""
+    if len(points) == 1 or n <= points[-1][0]:
+        (n2, t2) = points[-1]
+        return t2 * max(1.0, n / n2)
+    (n1, t1), (n2, t2) = points[-2], points[-1]
+    k = min(2.0, max(1.0, math.log(max(t2, 1e-6) / max(t1, 1e-6)) / math.log(n2 / n1)))
+    return t2 * (n / n2) ** k
+
+
 def run(profile: Profile, variants: list[str], prefix: str, services: list[int] | None = None,
-        log: Callable[[str], None] | None = None) -> dict:
+        log: Callable[[str], None] | None = None, deadline: float | None = None) -> dict:
     """Run and always clean up; SIGTERM unwinds like Ctrl-C, and a second Ctrl-C during the
     cleanup is ignored so that the cleanup finishes."""
     def term(signum, frame):
         raise KeyboardInterrupt
     old = signal.signal(signal.SIGTERM, term)
-    runner = Runner(profile, variants, prefix, services, log)
+    runner = Runner(profile, variants, prefix, services, log, deadline)
     try:
         return runner.run()
     finally:

@@ -32,8 +32,14 @@ class Reaper:
         return p
 
     def reap(self) -> None:
+        """SIGTERM first (a UML runner then stops its guest), SIGKILL after 10 s."""
         for p in self.procs:
             if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
         self.procs.clear()

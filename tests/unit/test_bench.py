@@ -263,3 +263,17 @@ def test_write_makes_json_csv_markdown_and_plots(tmp_path: Path):
     assert (tmp_path / "connect_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<svg" in (tmp_path / "throughput.svg").read_text()
     assert "![connect_latency.png](connect_latency.png)" in (tmp_path / "summary.md").read_text()
+
+
+def test_predict_extrapolates_between_linear_and_quadratic():
+    from netsim.bench.run import predict
+    assert predict([(1000, 1.0), (10000, 10.0)], 30000) == pytest.approx(30.0)        # linear
+    assert predict([(1000, 1.0), (10000, 100.0)], 30000) == pytest.approx(900.0)      # quadratic
+    assert predict([(1000, 1.0), (10000, 1000.0)], 30000) == pytest.approx(9000.0)    # held at quadratic
+    assert predict([(1000, 1.0), (10000, 1.0)], 30000) == pytest.approx(3.0)          # at least linear
+    assert predict([(100, 2.0)], 1000) == pytest.approx(20.0)
+
+
+def test_uml_variants_compare_with_the_guests_raw_veth():
+    assert report.raw_path("ipvs@uml") == "raw-veth-uml"
+    assert report.raw_path("nftables") == "raw-veth" and report.raw_path(None) == "raw-veth"
