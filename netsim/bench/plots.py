@@ -56,6 +56,8 @@ def connect_latency(result: dict, out: Path, uml: bool = False) -> list[Path]:
         if raw and field in raw["summary"]:
             ax.axhline(raw["summary"][field]["median"], color="black", lw=1, ls="-.", label="raw veth")
         ax.set_xscale("log")
+        if field == "p99_us":
+            ax.set_yscale("log")                 # tails span decades on a shared machine
         ax.set_xlabel("synthetic Services (2 endpoints each)")
         ax.set_ylabel(f"connect {title} (µs)")
         ax.set_title(f"ClusterIP connect latency, {title}" + (" (UML guest)" if uml else ""))

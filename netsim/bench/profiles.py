@@ -39,7 +39,7 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile("quick", services=(1, 1000), large=None, large_budget_s=0, repeat=2, iperf_repeat=1,
+    "quick": Profile("quick", services=(1, 100, 1000), large=None, large_budget_s=0, repeat=3, iperf_repeat=1,
                      connections=400, connect_seconds=1.0, connect_warmup=50,
                      iperf_seconds=1, iperf_omit=0, parallel_streams=4,
                      programming_repeat=2, programming_budget_s=10, network_repeat=2, deadline_s=240,

@@ -26,6 +26,19 @@ POSITION_MEANING = {
 }
 
 
+ANCHORS = [
+    "Published: the Kubernetes blog on nftables mode (KubeCon NA 2024 data) shows iptables mode adding "
+    "about 49 / 63 / 274 µs (p50) to a connection's first packet at 5,000 / 10,000 / 30,000 Services "
+    "(≈ 18 ns per rule walked), nftables flat at about iptables' p01; Tigera's comparison sees the "
+    "iptables/IPVS difference only beyond about 1,000 Services and only without keep-alive. On this box, "
+    "built by hand (box-baselines): connect p50 to the Service matched last 12 / 12 / 41 / 97 µs with "
+    "iptables-legacy and 13 / 32 / 166 / 476 µs with iptables-nft at 1 / 1,000 / 10,000 / 30,000 "
+    "Services, nft's verdict map flat at 10–13 µs, UML IPVS flat at 52–59 µs.",
+    "Our connect loop is Python: its fixed overhead (≈ 15–20 µs here) is in every value, so compare "
+    "differences and ratios, not absolute microseconds, with those figures.",
+]
+
+
 def rows(result: dict) -> list[dict]:
     """One CSV row per (measurement, summarised field)."""
     out = []
@@ -206,6 +219,20 @@ def markdown(result: dict, plots: list[str] = ()) -> str:
                      f"{fmt(load and load['summary'].get('seconds'), 1000, 0)} |")
     L.append("")
 
+    L += ["## Beside the published figures", "",
+          "The cost of walking the rules: `last` minus `first` (connect p50, backend on the same node), "
+          "and that difference per synthetic Service (one KUBE-SERVICES rule each in iptables mode).", "",
+          "| variant | N | last − first (µs) | per Service (ns) |", "|---|---|---|---|"]
+    for v in ran(result):
+        name = v["variant"]
+        for n in service_counts(result, name):
+            first = find(result, variant=name, metric="connect", path="clusterip-same-node", services=n, position="first")
+            last = find(result, variant=name, metric="connect", path="clusterip-same-node", services=n, position="last")
+            if first and last:
+                d = last["summary"]["p50_us"]["median"] - first["summary"]["p50_us"]["median"]
+                per = f"{d * 1000 / n:+.0f}" if n >= 100 else "–"       # at small N noise is all there is
+                L.append(f"| {name} | {n:,} | {d:+.1f} | {per} |")
+    L += ["", *ANCHORS, ""]
     L += ["## Sysctls in the lab nodes", "", "| variant | " + " | ".join(_sysctl_names(result)) + " |",
           "|---|" + "---|" * len(_sysctl_names(result))]
     for v in ran(result):

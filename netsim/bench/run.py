@@ -405,11 +405,14 @@ class Runner:
 
 def predict(points: list[tuple[int, float]], n: int) -> float:
     """Extrapolate a time measured at growing N to ``n``, with the growth exponent of the two
-    largest points held between 1 (linear) and 2 (quadratic)."""
-    if len(points) == 1 or n <= points[-1][0]:
-        (n2, t2) = points[-1]
-        return t2 * max(1.0, n / n2)
-    (n1, t1), (n2, t2) = points[-2], points[-1]
+    largest points held between 1 (linear) and 2 (quadratic). Below 100 Services fixed costs
+    dominate, so nothing is extrapolated from there: the last time is returned."""
+    n2, t2 = points[-1]
+    if n <= n2 or n2 < 100:
+        return t2
+    if len(points) == 1:
+        return t2 * n / n2
+    n1, t1 = points[-2]
     k = min(2.0, max(1.0, math.log(max(t2, 1e-6) / max(t1, 1e-6)) / math.log(n2 / n1)))
     return t2 * (n / n2) ** k
 

@@ -272,6 +272,7 @@ def test_predict_extrapolates_between_linear_and_quadratic():
     assert predict([(1000, 1.0), (10000, 1000.0)], 30000) == pytest.approx(9000.0)    # held at quadratic
     assert predict([(1000, 1.0), (10000, 1.0)], 30000) == pytest.approx(3.0)          # at least linear
     assert predict([(100, 2.0)], 1000) == pytest.approx(20.0)
+    assert predict([(1, 0.08)], 1000) == pytest.approx(0.08)     # N=1 is fixed cost: no extrapolation
 
 
 def test_uml_variants_compare_with_the_guests_raw_veth():
