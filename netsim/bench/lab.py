@@ -29,6 +29,7 @@ from pathlib import Path
 from ..proxy import state
 from ..proxy.model import Endpoint, ServicePort
 from ..proxy.synthetic import synthetic_ports
+from ..registry import open_registry
 from ..registry.base import Put
 from ..runtime.wait import wait_for
 from .tools import IPERF_PORT, BenchError
@@ -113,7 +114,6 @@ class BenchLab:
         since = time.time()
         groups = state.group(ports)
         ops = [Put(k, state.encode(v, written_at=since)) for k, v in groups.items()]
-        from ..registry import open_registry
         reg = open_registry((self.state_dir() / "registry.url").read_text().strip())
         try:
             reg.txn([], ops)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from . import stats
 from .lab import CONNECT_PORT, POD_PORT, BenchLab
 from .profiles import VARIANTS, Profile
 from .system import SYSCTLS, environment, loadavg
-from .tools import IPERF_PORT, BenchError, RawVeth, Reaper, iperf, sh
+from .tools import BenchError, RawVeth, Reaper, iperf, sh, wait_listening
 
 PY = sys.executable
 
@@ -130,7 +131,6 @@ class Runner:
         srv = self.reaper.popen(["ip", "netns", "exec", raw.ns_a, PY, "-m", "netsim.bench.connect", "--serve",
                                  raw.ip_a, str(POD_PORT), "--seconds", "600"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        from .tools import wait_listening
         wait_listening(srv, POD_PORT)
         c = Measurement(None, "connect", "raw-veth")
         self.interleaved([(c, lambda: self.connect(raw.ns_b, raw.ip_a, POD_PORT))], self.p.repeat, CONNECT_FIELDS)
@@ -399,7 +399,6 @@ class Runner:
             if Path(f"/run/netns/{ns}").exists():
                 sh("ip", "netns", "del", ns, check=False)
             self.namespaces.remove(ns)
-        import shutil
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
