@@ -330,8 +330,24 @@ class Runner:
                  f"{net.summary['seconds']['median'] * 1000:.0f} ms")
 
     # -- the whole run ----------------------------------------------------------------------
+    def conntrack_limits(self, env: dict) -> None:
+        """Inside the UML guest only (its own kernel; never the host's global sysctls): raise
+        the conntrack table as kube-proxy does at start (--conntrack-max-per-core 32768,
+        --conntrack-min 131072; hashsize = max/4). The guest boots with 8192 entries, which a
+        connect loop fills (every connection leaves a TCP entry and two VXLAN UDP flows)."""
+        if env["kernel_kind"] != "uml":
+            return
+        path = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+        want = max(131072, 32768 * (env["cores"] or 1))
+        if path.exists() and int(path.read_text()) < want:
+            path.write_text(str(want))
+            Path("/sys/module/nf_conntrack/parameters/hashsize").write_text(str(want // 4))
+            env["conntrack_max_set"] = want
+            self.log(f"UML guest: nf_conntrack_max raised to {want} (kube-proxy's minimum), hashsize {want // 4}")
+
     def run(self) -> dict:
         env = environment()
+        self.conntrack_limits(env)
         self.log(f"profile {self.p.name}: variants {', '.join(self.variants)}; N = "
                  f"{', '.join(map(str, self.levels))}"
                  + (f" (+{self.p.large} where it fits)" if self.p.large and not self.levels_given() else "")
