@@ -90,8 +90,8 @@ def first_sync(lab: str) -> dict:
     return out
 
 
-def measure(n: int, repeat: int, mode: str, min_sync: float, tmp: Path) -> dict:
-    lab = f"bpp{n}"
+def measure(n: int, repeat: int, mode: str, min_sync: float, tmp: Path, prefix: str = "") -> dict:
+    lab = f"{prefix}bpp{n}"
     topo = topology(tmp, lab, n, mode, min_sync)
     t0 = time.perf_counter()
     netsim("up", str(topo), "--timeout", "600")
@@ -118,12 +118,13 @@ def main() -> None:
     ap.add_argument("--mode", default="iptables")
     ap.add_argument("--min-sync-period", type=float, nargs="+", default=[0.0, 1.0],
                     help="kube-proxy --min-sync-period values to run (0: every change synced at once)")
+    ap.add_argument("--lab-prefix", default="", help="prefix of the labs' names")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "proxy_programming.json"))
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n, ms in ((n, ms) for ms in args.min_sync_period for n in args.services):
-            row = measure(n, args.repeat, args.mode, ms, Path(tmp))
+            row = measure(n, args.repeat, args.mode, ms, Path(tmp), args.lab_prefix)
             rows.append(row)
             print(f"{n:5d} Services ({args.mode}, minSyncPeriod {ms:g} s): one Service added → every node programmed in "
                   f"{row['add_ms_median']:.0f} ms, deleted in {row['delete_ms_median']:.0f} ms (median of "

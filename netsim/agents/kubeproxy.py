@@ -36,6 +36,9 @@ from netsim.proxy.model import NodeContext, ServicePort
 from netsim.registry import Compacted, RegistryError, open_registry
 
 
+RETRY_AFTER = 1.0        # seconds between attempts after a failed sync
+
+
 def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} kube-proxy: {msg}", file=sys.stderr, flush=True)
 
@@ -58,6 +61,7 @@ class Proxier:
         self.need_full = True
         self.last_sync = 0.0
         self.last_full = 0.0
+        self.next_try = 0.0                                   # no sync before this (after a failure)
         self.status: dict = {"node": args.node, "mode": args.mode, "syncs": 0, "programmed": {}, "removed": {}}
         self.udp_stale: list[tuple[str, int, str]] = []       # (service address, port, endpoint IP)
         self.announce: dict[str, dict[str, str]] = {}         # registry key → {LB IP: speaker node}
@@ -101,7 +105,8 @@ class Proxier:
             result = self.backend.sync(ports, None if full else set(self.changed_ports))
         except SyncFailed as exc:
             self.need_full = True
-            log(f"{self.args.mode} sync failed ({exc}); a full sync follows")
+            self.next_try = time.monotonic() + RETRY_AFTER
+            log(f"{self.args.mode} sync failed ({exc}); a full sync follows in {RETRY_AFTER:g}s")
             return
         took = time.monotonic() - t0
         now = time.time()
@@ -126,6 +131,8 @@ class Proxier:
                            last_sync_seconds=round(took, 4), rules=result.rules, written=result.written,
                            services=len(self.services))
         self.write_status()
+        if self.args.ready_file and self.status["syncs"] == 1:     # ready once the first sync is in
+            Path(self.args.ready_file).write_text(json.dumps({"pid": os.getpid()}))
         log(f"{'full' if full else 'partial'} {self.args.mode} sync: {result.rules} rules "
             f"({result.written} written) in {took * 1000:.0f} ms")
 
@@ -180,14 +187,13 @@ class Proxier:
         reg = open_registry(self.args.registry)
         revision = self.load(reg)
         self.sync()
-        if self.args.ready_file:
-            Path(self.args.ready_file).write_text(json.dumps({"pid": os.getpid()}))
         watcher = reg.watch(state.PREFIX, start_revision=revision + 1)
         gc.freeze()                   # keep start-up objects out of full collections
         while True:
             wait = None
             if self.pending or self.need_full:
-                wait = max(0.0, self.args.min_sync_period - (time.monotonic() - self.last_sync))
+                now = time.monotonic()
+                wait = max(0.0, self.args.min_sync_period - (now - self.last_sync), self.next_try - now)
             try:
                 batch = watcher.next_batch(timeout=wait if wait is not None else 1.0)
             except Compacted:
@@ -208,7 +214,8 @@ class Proxier:
             if batch is not None:
                 for ev in batch.events:
                     self._set(ev.kv.key, ev.kv.value if ev.type == "PUT" else None)
-            due = time.monotonic() - self.last_sync >= self.args.min_sync_period
+            now = time.monotonic()
+            due = now - self.last_sync >= self.args.min_sync_period and now >= self.next_try
             if (self.pending or self.need_full) and due:
                 self.sync()
             elif time.monotonic() - self.last_full > self.args.full_sync_period:
@@ -251,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in args.backend_opt if "=" not in o]
     if bad:
         parser().error(f"--backend-opt needs KEY=VALUE, not {bad[0]!r}")
+    try:
+        backend_class(args.mode)
+    except ImportError as exc:
+        log(f"proxy mode {args.mode} is not available: {exc}")
+        return 1
     try:
         proxier = Proxier(args)
         if args.cleanup:

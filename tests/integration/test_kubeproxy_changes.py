@@ -1,7 +1,7 @@
 """Kernel tests for kube-proxy behaviour that depends on where endpoints are and on changes:
 eTP=Local on a node without a local endpoint, a deleted pod leaving the rotation, and UDP
 flows that must not stick to a deleted endpoint through a stale conntrack entry; and
-loadBalancerSourceRanges."""
+loadBalancerSourceRanges. Each runs once per proxy mode (lab names as in test_kubeproxy)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.root
 
 TOPOLOGY = """
 name: {lab}
-cluster: {{minSyncPeriod: 0.1, loadBalancerPool: [192.168.100.240/28]}}
+cluster: {{minSyncPeriod: 0.1, loadBalancerPool: [192.168.100.240/28], proxyMode: {mode}}}
 nodes: [n1, n2]
 externals: [ext]
 manifests:
@@ -51,13 +51,18 @@ def pod_doc(name: str, node: str, app: str, port: int, proto: str = "TCP") -> st
             f"protocol: {proto}}}]}}]}}}}")
 
 
+@pytest.fixture(scope="module", params=("iptables", "nftables"))
+def mode(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    name = f"t{os.getpid() % 10000}kc"
+def lab(tmp_path_factory, mode):
+    name = f"{os.environ.get('NETSIM_TEST_LAB_PREFIX', 't')}{os.getpid() % 10000}kc{mode[:2]}"
     before = machine_snapshot(name)
     topo = tmp_path_factory.mktemp("kc") / "kc.yaml"
     rotation = "\n".join(f"  - {pod_doc(p, n, 'rot', 8080)}" for p, n in ROTATION)
-    topo.write_text(TOPOLOGY.format(lab=name, rotation=rotation))
+    topo.write_text(TOPOLOGY.format(lab=name, rotation=rotation, mode=mode))
     netsim("up", str(topo), "--timeout", "60")
     try:
         yield name
@@ -78,24 +83,35 @@ def curl(lab: str, target: str, url: str, timeout: float = 2) -> subprocess.Comp
     return netsim("exec", "--lab", lab, target, "--", "curl", "-s", "--max-time", str(timeout), url, check=False)
 
 
-def test_etp_local_node_without_local_endpoint_drops(lab):
+def test_etp_local_node_without_local_endpoint_drops(lab, mode):
     ext_ip = next(e["address"] for e in status(lab)["externals"] if e["name"] == "ext")
     here = curl(lab, "ext", f"http://{node_ip(lab, 'n1')}:30200/clientip")
     assert here.stdout.rsplit(":", 1)[0] == ext_ip                 # the client's own address
     there = curl(lab, "ext", f"http://{node_ip(lab, 'n2')}:30200/clientip", timeout=1)
     assert there.returncode == 28 and there.stdout == ""           # dropped: a timeout, not a refusal
+    if mode == "nftables":
+        elements = netsim("exec", "--lab", lab, "n2", "--", "nft", "list", "map", "ip", "kube-proxy",
+                          "no-endpoint-nodeports").stdout
+        assert 'tcp . 30200 comment "default/loc" : drop' in elements, elements
+        return
     rules = netsim("exec", "--lab", lab, "n2", "--", "iptables-nft-save", "-t", "filter").stdout
     assert any('"default/loc has no local endpoints"' in line and line.endswith("--dport 30200 -j DROP")
                for line in rules.splitlines() if line.startswith("-A KUBE-EXTERNAL-SERVICES")), rules
 
 
-def test_load_balancer_source_ranges_are_enforced(lab):
+def test_load_balancer_source_ranges_are_enforced(lab, mode):
     ext_ip = next(e["address"] for e in status(lab)["externals"] if e["name"] == "ext")
     assert ext_ip == "192.168.100.254"                            # inside fw-open's range only
     lb = services(lab)["lb_ips"]
     assert curl(lab, "ext", f"http://{lb['default/fw-open']}/hostname").stdout == "loc"
     shut = curl(lab, "ext", f"http://{lb['default/fw-shut']}/hostname", timeout=1)
     assert shut.returncode == 28 and shut.stdout == ""             # dropped by KUBE-FW / KUBE-PROXY-FIREWALL
+    if mode == "nftables":
+        fw = netsim("exec", "--lab", lab, "n1", "--", "nft", "list", "map", "ip", "kube-proxy", "firewall-ips").stdout
+        assert f'{lb["default/fw-shut"]} . tcp . 80 : goto firewall-' in fw, fw
+        table = netsim("exec", "--lab", lab, "n1", "--", "nft", "list", "table", "ip", "kube-proxy").stdout
+        assert "ip saddr != 203.0.113.0/24 drop" in table
+        return
     rules = netsim("exec", "--lab", lab, "n1", "--", "iptables-nft-save", "-t", "filter").stdout
     assert f'-d {lb["default/fw-shut"]}/32' in rules and "traffic not accepted by KUBE-FW-" in rules
 

@@ -118,6 +118,21 @@ def test_switching_modes_leaves_no_stale_state_and_traffic_keeps_working(lab):
     assert "nothing to do" in again
 
 
+def test_a_node_that_cannot_switch_puts_every_node_back(lab):
+    netsim("proxy", "mode", "iptables", "--lab", lab)
+    # a foreign table in node-2's way: nftables mode cannot create its set of IPv4 ClusterIPs
+    node_sh(lab, "node-2", "nft add table ip kube-proxy && nft add set ip kube-proxy cluster-ips '{ type ipv6_addr ; }'")
+    done = netsim("proxy", "mode", "nftables", "--lab", lab, "--timeout", "5", check=False)
+    assert done.returncode == 1 and "kube-proxy on node-2" in done.stderr and "Traceback" not in done.stderr
+    assert status(lab)["proxyMode"] == "iptables"
+    for node in NODES:
+        st = kernel_state(lab, node)
+        assert not st["nft_table"] and st["kube_chains"] > 0, (node, st)      # the foreign table went too
+    selftest_ok(lab)
+    netsim("proxy", "mode", "nftables", "--lab", lab)
+    selftest_ok(lab)
+
+
 def test_unknown_or_missing_mode_is_one_line_and_changes_nothing(lab):
     done = netsim("proxy", "mode", "userspace", "--lab", lab, check=False)
     assert done.returncode == 2 and "invalid choice" in done.stderr
@@ -158,19 +173,23 @@ b = Backend(NODE)
 full_old = b.sync(old, None)
 partial = b.sync(new, changed)
 incremental = table()
-written = partial.written
-b2 = Backend(NODE)
-b2.cleanup()
-b2.sync(new, None)
-print(json.dumps({"same": incremental == table(), "full": [full_old.full, partial.full],
-                  "written": [full_old.written, written], "cleanup": b2.cleanup(),
+restarted = Backend(NODE)                      # a new agent finds the table of the last one
+restarted.sync(old, None)
+after_restart = table()
+fresh = Backend(NODE)
+fresh.cleanup(); fresh.sync(new, None); clean_new = table()
+fresh.cleanup(); fresh.sync(old, None); clean_old = table()
+print(json.dumps({"incremental_same": incremental == clean_new, "restart_same": after_restart == clean_old,
+                  "full": [full_old.full, partial.full], "written": [full_old.written, partial.written],
+                  "cleanup": fresh.cleanup(),
                   "after": subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout}))
 """
 
 
-def test_partial_sync_leaves_the_kernel_as_a_full_sync_does_and_cleanup_removes_the_table(netns):
+def test_partial_and_restart_syncs_leave_the_kernel_as_a_fresh_full_sync_and_cleanup_removes_it(netns):
     result = json.loads(in_ns(netns, BACKEND_SCRIPT))
-    assert result["same"], "incremental and full sync differ"
+    assert result["incremental_same"], "a partial sync left the table unlike a full sync"
+    assert result["restart_same"], "a restarted agent's full sync left stale objects"
     assert result["full"] == [True, False]
     assert 0 < result["written"][1] < result["written"][0]
     assert result["cleanup"] == "table ip kube-proxy" and result["after"] == ""
