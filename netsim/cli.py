@@ -209,10 +209,11 @@ def cmd_up(args) -> int:
 
     topo = load(args.topology)
     _need_root()
-    if _kernel_for_up(topo, args.kernel) == "uml":
+    kernel = _kernel_for_up(topo, args.kernel)
+    _interrupt_on_term()
+    if kernel == "uml":
         from .kernel import guestlab
         return guestlab.up(args.topology, topo.name, args.timeout, args.output)
-    _interrupt_on_term()
     report = applier.up(plan_lab(topo), os.path.abspath(args.topology), args.timeout,
                         replan=lambda subnets: plan_lab(topo, subnets=subnets),
                         objects=expand(args.topology), topology=topo)

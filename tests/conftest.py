@@ -13,7 +13,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs root and a Linux kernel (network namespaces)")
     for item in items:
-        if "root" in item.keywords:
+        if item.get_closest_marker("root"):
             item.add_marker(skip)
 
 
@@ -23,12 +23,12 @@ UML_BATCH = "netsim kernel run -- python -m pytest -m ipvs tests/integration (on
 def _skip_ipvs_without_ipvs(items):
     """Tests marked ``ipvs`` need IPVS in the kernel: on a kernel without it they are skipped
     with the command that runs them all in one user-mode Linux boot."""
-    if not any("ipvs" in item.keywords for item in items):
+    if not any(item.get_closest_marker("ipvs") for item in items):
         return
     from netsim.kernel.features import host_features
     if host_features().have.get("ip_vs"):
         return
     skip = pytest.mark.skip(reason=f"this kernel has no IPVS; run them with {UML_BATCH}")
     for item in items:
-        if "ipvs" in item.keywords:
+        if item.get_closest_marker("ipvs"):
             item.add_marker(skip)

@@ -37,9 +37,11 @@ FEATURES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "netem": ("netem qdisc (delay, loss)", ("NET_SCH_NETEM",), "tc qdisc add dev lo root netem delay 1ms"),
 }
 IPVS_SCHEDULERS = ("rr", "wrr", "lc", "sh")
-for _s in IPVS_SCHEDULERS:
+for _i, _s in enumerate(IPVS_SCHEDULERS):
+    # one virtual server per probe: the probes share one namespace, and a second "-A" of the
+    # same address:port fails with "Service already exists" whatever the scheduler
     FEATURES[f"ip_vs_{_s}"] = (f"IPVS scheduler {_s}", (f"IP_VS_{_s.upper()}",),
-                              f"ipvsadm -A -t 10.0.0.2:80 -s {_s}")
+                              f"ipvsadm -A -t 10.0.0.2:{81 + _i} -s {_s}")
 
 UML_BINARY = "linux.uml"
 UML_MODULES = Path("/usr/lib/uml/modules")

@@ -124,7 +124,7 @@ def console_tail(tmp: Path, lines: int = 12) -> str:
 
 def target(args) -> GuestRecord | None:
     """The UML lab a parsed command is about, if it is about one."""
-    if args.command in HOST_ONLY:
+    if args.command in HOST_ONLY or not hasattr(args, "lab"):
         return None
     name = getattr(args, "lab", None)
     if name:

@@ -102,7 +102,7 @@ def guest_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         if key in os.environ:
             env[key] = os.environ[key]
     for key, value in os.environ.items():
-        if key.startswith("NETSIM_") and key != IN_GUEST_ENV:
+        if key.startswith("NETSIM_") and key not in (IN_GUEST_ENV, "NETSIM_STATE_DIR"):   # state stays private
             env[key] = value
     env.update(extra or {})
     return env
@@ -215,10 +215,6 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-
-
-class _Terminate(Exception):
-    pass
 
 
 def prepare(command: Sequence[str], cwd: str | None = None, env: dict[str, str] | None = None,

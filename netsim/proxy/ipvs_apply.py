@@ -6,8 +6,11 @@ match it by difference, as the IPVS proxier does on each ``syncProxyRules``:
 * ``kube-ipvs0`` (dummy, left down) gets the missing service addresses, loses stale ones;
 * the ipsets are created if absent, then changed member by member in one ``ipset restore``;
 * the remaining iptables rules go in with one ``iptables-restore --noflush`` (the built-in
-  jumps are ensured with ``-C``/``-I`` on full syncs); the binary follows the lab's
-  ``iptablesBackend`` (inside user-mode Linux only ``legacy`` works);
+  jumps are ensured on full syncs); the binary follows the lab's ``iptablesBackend``
+  (inside user-mode Linux only ``legacy`` works). A partial sync (``changed`` given) skips
+  the restore when the text is what it last loaded and diffs the sets against what it last
+  wrote, so an endpoint change usually costs no process at all; a full sync re-reads and
+  rewrites everything;
 * virtual and real servers are programmed over generic netlink with pyroute2's ``IPVS``:
   a virtual server is added, changed in place (scheduler, persistence) or deleted; a real
   server is added, and one that went away is *gracefully* terminated as upstream's
@@ -82,6 +85,8 @@ class Backend:
         self.kernel = kernel_version()
         self._ipvs = None
         self._lock = threading.Lock()
+        self._sets_written: dict[str, set[str]] | None = None    # ipset members last written
+        self._iptables_written: str | None = None                # iptables-restore text last loaded
         self.draining: dict[tuple, float] = {}        # (vs key, "ip:port") → when weight 0 was set
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -146,13 +151,21 @@ class Backend:
         written = 0
         with self._lock:
             index = self._ensure_dummy()
-            written += self._sync_ipsets(st)
-            done = subprocess.run([self.restore, "--noflush", "--counters"], input=st.iptables,
-                                  text=True, capture_output=True)
-            if done.returncode != 0:
-                raise SyncFailed(f"{self.restore}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
-            if full:
-                self.ensure_jumps()
+            try:
+                written += self._sync_ipsets(st, full)
+                if full or st.iptables != self._iptables_written:
+                    self._iptables_written = None
+                    done = subprocess.run([self.restore, "--noflush", "--counters"], input=st.iptables,
+                                          text=True, capture_output=True)
+                    if done.returncode != 0:
+                        raise SyncFailed(f"{self.restore}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
+                    self._iptables_written = st.iptables
+                if full:
+                    self.ensure_jumps()
+            except SyncFailed:
+                self._sets_written = None
+                self._iptables_written = None
+                raise
             written += self._bind(index, st.bind_addresses, add=True)
             try:
                 written += self._sync_servers(st.virtual_servers)
@@ -175,8 +188,12 @@ class Backend:
                 n += 1
         return n
 
-    def _sync_ipsets(self, st) -> int:
-        current = self._saved_ipsets()
+    def _sync_ipsets(self, st, full: bool) -> int:
+        """Members in, members out, in one ``ipset restore``. A full sync diffs against
+        ``ipset save``; a partial one against what this backend last wrote, and runs nothing
+        when no member changed (so an endpoint change is netlink only, unless it touches
+        KUBE-LOOP-BACK)."""
+        current = self._saved_ipsets() if full or self._sets_written is None else self._sets_written
         lines = [f"create {s.name} {s.type} {s.create_options} -exist" for s in st.ipsets]
         n = 0
         for s in st.ipsets:
@@ -185,9 +202,12 @@ class Backend:
             lines += [f"del {s.name} {e}" for e in sorted(have - want)]
             lines += [f"add {s.name} {e}" for e in sorted(want - have)]
             n += len(have ^ want)
-        done = subprocess.run(["ipset", "restore"], input="\n".join(lines) + "\n", text=True, capture_output=True)
-        if done.returncode != 0:
-            raise SyncFailed(f"ipset restore: {done.stderr.strip()}")
+        if n or full or self._sets_written is None:
+            done = subprocess.run(["ipset", "restore"], input="\n".join(lines) + "\n", text=True,
+                                  capture_output=True)
+            if done.returncode != 0:
+                raise SyncFailed(f"ipset restore: {done.stderr.strip()}")
+        self._sets_written = {s.name: set(s.entries) for s in st.ipsets}
         return n
 
     @staticmethod
@@ -398,6 +418,7 @@ class Backend:
                 ipr.link("del", index=found[0])
                 removed.append(DUMMY_DEVICE)
         self.draining.clear()
+        self._sets_written = self._iptables_written = None
         return ", ".join(removed) if removed else "nothing"
 
     def _chains(self) -> dict[str, set[str]]:

@@ -7,7 +7,6 @@ request costs no process start (which matters inside user-mode Linux).
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
@@ -16,21 +15,6 @@ from contextlib import contextmanager
 from pyroute2 import netns
 
 from netsim.kernel.features import probe_script, run_probes
-
-
-def ipvs_missing() -> str:
-    """Why IPVS-mode kernel tests cannot run here ("" when they can)."""
-    if os.geteuid() != 0:
-        return "needs root"
-    try:
-        out = run_probes(probe_script(["ip_vs", "dummy", "ipset"]))
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"cannot probe the kernel: {exc}"
-    missing = [line.split()[0] for line in out.splitlines() if line.split()[1:] != ["0"]]
-    if missing:
-        return (f"needs a kernel with IPVS, dummy links and ipset (missing: {', '.join(missing)}); "
-                "run in user-mode Linux: netsim kernel run -- python -m pytest tests/integration/test_ipvs_kernel.py")
-    return ""
 
 
 def sh(*cmd: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -3,28 +3,24 @@
 The node is built by hand (ipvs_lab.py): a "node" namespace with two routed pods and an
 external host; ``Backend.sync`` runs inside the node with hand-made ServicePorts. They need
 a kernel with IPVS, dummy links and ipset; on one without (this project's host kernel) they
-skip, and run in user-mode Linux with::
-
-    netsim kernel run -- python -m pytest -p no:cacheprovider tests/integration/test_ipvs_kernel.py
+skip, and run in user-mode Linux with ``scripts/test-uml.sh tests/integration/test_ipvs_kernel.py``
+(all ``ipvs`` tests in one UML boot).
 """
 from __future__ import annotations
 
 import re
-import subprocess
-import time
 from collections import Counter
 from dataclasses import replace
 
 import pytest
 
-from ipvs_lab import Conn, PodServer, ask, inside, ipvs_missing, iptables_backend, sh
+from ipvs_lab import Conn, PodServer, ask, inside, iptables_backend, sh
 from netsim.proxy.ipvs import IPSET_NAMES, render
 from netsim.proxy.ipvs_apply import Backend
 from netsim.proxy.model import Endpoint, NodeContext, ServicePort
 from netsim.runtime.wait import wait_for
 
-_why = ipvs_missing()
-pytestmark = [pytest.mark.root, pytest.mark.ipvs, pytest.mark.skipif(bool(_why), reason=_why or "ok")]
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]      # skipped without ip_vs (tests/conftest.py)
 
 NODE, POD1, POD2, EXT = "iv-k-node", "iv-k-pod1", "iv-k-pod2", "iv-k-ext"
 NODE_IP, EXT_IP = "10.250.0.1", "10.250.0.2"

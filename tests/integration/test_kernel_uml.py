@@ -31,7 +31,6 @@ def test_a_command_returns_its_output_and_exit_status():
 
 
 def test_modules_ipvs_and_private_namespaces_inside_leave_the_host_alone():
-    before_netns = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
     out = io.BytesIO()
     res = uml.run(["sh", "-ec", """
         modprobe ip_vs; modprobe ip_vs_wlc
@@ -46,7 +45,7 @@ def test_modules_ipvs_and_private_namespaces_inside_leave_the_host_alone():
     text = out.getvalue().decode()
     assert res.returncode == 0, text
     assert "TCP  10.1.1.1:80 wlc" in text and "um-guest-ns" in text and "TMPDIR=/run/netsim-uml/tmp" in text
-    assert (sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []) == before_netns
+    assert not os.path.exists("/run/netns/um-guest-ns")      # the guest's /run/netns is its own
     assert not Path("/lib/modules").exists() or not (Path("/lib/modules") / features.uml_release()).exists()
 
 
@@ -71,7 +70,7 @@ def _start(*extra: str) -> tuple[subprocess.Popen, int, str]:
     return proc, pid, run_dir
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "timeout"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "timeout", "SIGKILL"])
 def test_ctrl_c_sigterm_and_timeout_leave_no_guest_and_no_files(how):
     proc, pid, run_dir = _start(*(["--timeout", "6"] if how == "timeout" else []))
     if how != "timeout":
@@ -79,6 +78,10 @@ def test_ctrl_c_sigterm_and_timeout_leave_no_guest_and_no_files(how):
     _, err = proc.communicate(timeout=60)
     if how == "timeout":
         assert proc.returncode == 1 and "timed out after 6s" in err
+    elif how == "SIGKILL":                      # no chance to clean: the guest dies with its parent,
+        from netsim.runtime.wait import wait_for   # and the next run sweeps the directory
+        wait_for(lambda: not uml.group_members(pid), "the orphaned guest to exit", 15)
+        assert run_dir in uml.sweep_stale()
     else:
         assert proc.returncode == 130
     assert uml.group_members(pid) == []
@@ -150,4 +153,37 @@ def test_up_in_uml_forwards_status_exec_selftest_and_down(tmp_path):
     assert down.returncode == 0, down.stdout + down.stderr
     assert "powered off" in down.stderr
     assert guestlab.load("um-live") is None and uml.group_members(rec.pid) == []
+    assert not Path(rec.run_dir).exists()
+
+
+TINY = """name: {name}
+cluster: {{iptablesBackend: legacy}}
+nodes: [{{name: n1}}]
+"""
+
+
+def _guest_of(lab: str):
+    return guestlab.load(lab)
+
+
+def test_ctrl_c_during_up_in_uml_and_clean_of_a_running_guest_leave_nothing(tmp_path):
+    topo = tmp_path / "um-tiny.yaml"
+    topo.write_text(TINY.format(name="um-tiny"))
+    proc = subprocess.Popen([sys.executable, "-m", "netsim", "up", str(topo), "--kernel", "uml"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    from netsim.runtime.wait import wait_for
+    rec = wait_for(lambda: _guest_of("um-tiny"), "the guest record of um-tiny", 60)
+    wait_for(lambda: Path(rec.run_dir, "out").exists(), "the guest's request server", 60)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert guestlab.load("um-tiny") is None and uml.group_members(rec.pid) == []
+    assert not Path(rec.run_dir).exists()
+
+    netsim("up", str(topo), "--kernel", "uml", timeout=300)
+    rec = guestlab.load("um-tiny")
+    assert rec.alive()
+    cleaned = netsim("clean", "um-tiny")
+    assert "um-tiny (UML guest" in cleaned.stdout
+    assert guestlab.load("um-tiny") is None and uml.group_members(rec.pid) == []
     assert not Path(rec.run_dir).exists()

@@ -42,7 +42,10 @@ def test_probe_output_parsed_per_feature_and_missing_lines_count_as_absent():
 
 def test_probe_script_runs_every_probe_and_reports_its_status(tmp_path):
     script = features.probe_script(["dummy", "ip_vs_sh"])
-    assert "ip link add d0 type dummy" in script and "ipvsadm -A -t 10.0.0.2:80 -s sh" in script
+    assert "ip link add d0 type dummy" in script and "ipvsadm -A -t 10.0.0.2:84 -s sh" in script
+    # every scheduler probe adds its own virtual server (the probes share one namespace)
+    ports = [features.FEATURES[f"ip_vs_{s}"][2].split()[3] for s in features.IPVS_SCHEDULERS]
+    assert len(set(ports)) == len(ports)
     fake = tmp_path / "bin"
     fake.mkdir()
     for tool, rc in (("ip", 0), ("ipvsadm", 3)):

@@ -2,7 +2,6 @@
 directory protocol between host and the in-guest server, and refused interactive shells."""
 from __future__ import annotations
 
-import argparse
 import threading
 from pathlib import Path
 

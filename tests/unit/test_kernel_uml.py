@@ -81,3 +81,23 @@ def test_boot_and_run_timeouts_name_what_never_happened():
         follow([b"booting\n"], boot_timeout=0.05)
     with pytest.raises(uml.GuestTimeout, match="sleep 9 to finish in the UML guest"):
         follow([uml.BEGIN + b"\n"], timeout=0.05, command=["sleep", "9"])
+
+
+def test_guest_env_keeps_the_lab_state_private(monkeypatch):
+    monkeypatch.setenv("NETSIM_STATE_DIR", "/tmp/somewhere")
+    monkeypatch.setenv("NETSIM_UPDATE_GOLDEN", "1")
+    env = uml.guest_env()
+    assert "NETSIM_STATE_DIR" not in env and env["NETSIM_UPDATE_GOLDEN"] == "1"
+    assert env["PATH"].startswith("/run/netsim-uml/bin:") and env["NETSIM_IN_UML"] == "1"
+
+
+def test_sweep_removes_only_run_directories_whose_owner_is_gone(tmp_path):
+    import os
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name, owner in (("netsim-uml-dead", dead.pid), ("netsim-uml-live", os.getpid())):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "owner").write_text(f"{owner}\n")
+    (tmp_path / "netsim-uml-starting").mkdir()          # no owner yet: being set up
+    assert uml.sweep_stale(str(tmp_path)) == [str(tmp_path / "netsim-uml-dead")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["netsim-uml-live", "netsim-uml-starting"]
