@@ -202,6 +202,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("topology")
     s.add_argument("-o", "--output", choices=("json", "yaml"), default="yaml")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("bench", help="benchmark the kube-proxy modes against this box's baselines")
+    s.add_argument("--profile", choices=("quick", "full"), default="quick",
+                   help="quick: under 5 minutes; full: under 45 (default quick)")
+    s.add_argument("--variants", nargs="+", metavar="VARIANT",
+                   help="iptables-legacy iptables-nft nftables ipvs (default: all the profile has)")
+    s.add_argument("--services", nargs="+", type=int, metavar="N", help="synthetic Service counts (default: the profile's)")
+    s.add_argument("--prefix", default="bench-", help="prefix of the labs and namespaces made (default bench-)")
+    s.add_argument("--out", help="results directory (default benchmarks/results/proxy-modes-PROFILE)")
+    s.add_argument("--no-plots", action="store_true", help="write no PNG/SVG plots")
+    s.add_argument("--deadline", type=float, help="seconds: Service counts that would end past it are skipped "
+                                                  "(default: the profile's)")
+    s.set_defaults(func=cmd_bench)
     return p
 
 
@@ -586,3 +599,22 @@ def cmd_plan(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+    from .bench import report
+    from .bench.profiles import PROFILES, VARIANTS
+    from .bench.run import run
+    profile = PROFILES[args.profile]
+    variants = args.variants or list(profile.variants)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or any(n < 1 for n in args.services or ()):
+        raise NetsimError(f"unknown variant {bad[0]!r} (one of {', '.join(VARIANTS)})" if bad
+                          else "--services: every N must be at least 1")
+    _need_root()
+    result = run(profile, variants, args.prefix, args.services, deadline=args.deadline)
+    out = Path(args.out or f"benchmarks/results/proxy-modes-{args.profile}")
+    files = report.write(result, out, plots=not args.no_plots)
+    print(f"results: {', '.join(str(f) for f in files)}")
+    return 0
