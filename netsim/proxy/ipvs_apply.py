@@ -87,6 +87,9 @@ class Backend:
         self._lock = threading.Lock()
         self._sets_written: dict[str, set[str]] | None = None    # ipset members last written
         self._iptables_written: str | None = None                # iptables-restore text last loaded
+        self._servers_written: dict[tuple, dict] | None = None   # virtual servers as last left in the kernel
+        self._bound: set[str] | None = None                      # kube-ipvs0's addresses as last left
+        self._local: tuple[str, ...] | None = None               # the node's addresses (NodePort VIPs)
         self.draining: dict[tuple, float] = {}        # (vs key, "ip:port") → when weight 0 was set
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -146,7 +149,11 @@ class Backend:
 
     def sync(self, ports: Sequence[ServicePort], changed: set[str] | None) -> SyncResult:
         full = changed is None
-        node = replace(self.node, node_ips=self.local_addresses() or self.node.node_ips)
+        # A partial sync trusts what this backend last left in the kernel: with thousands of
+        # Services, dumping kube-ipvs0's addresses costs more than the change itself.
+        if full or self._local is None:
+            self._local = self.local_addresses()
+        node = replace(self.node, node_ips=self._local or self.node.node_ips)
         st = render(ports, node, self.kernel)
         written = 0
         with self._lock:
@@ -166,27 +173,43 @@ class Backend:
                 self._sets_written = None
                 self._iptables_written = None
                 raise
+            if full or self._bound is None:
+                self._bound = self._addresses(index)
             written += self._bind(index, st.bind_addresses, add=True)
             try:
-                written += self._sync_servers(st.virtual_servers)
+                written += self._sync_servers(st.virtual_servers, full)
             except SyncFailed:
+                self._servers_written = None
                 raise
             except Exception as exc:
+                self._servers_written = None
                 raise SyncFailed(f"IPVS netlink: {type(exc).__name__}: {exc}") from None
             written += self._bind(index, st.bind_addresses, add=False)
         return SyncResult(full=full, rules=len(st.virtual_servers) + st.real_server_count, written=written)
 
-    def _bind(self, index: int, wanted: Sequence[str], add: bool) -> int:
-        """Add the missing addresses (``add``) or remove the superfluous ones from kube-ipvs0."""
+    @staticmethod
+    def _addresses(index: int) -> set[str]:
         from pyroute2 import IPRoute
-        n = 0
         with IPRoute() as ipr:
-            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)}
-            todo = sorted(set(wanted) - have) if add else sorted(have - set(wanted))
-            for ip in todo:
-                ipr.addr("add" if add else "del", index=index, address=ip, prefixlen=32)
-                n += 1
-        return n
+            return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)}
+
+    def _bind(self, index: int, wanted: Sequence[str], add: bool) -> int:
+        """Add the missing addresses (``add``) or remove the superfluous ones from kube-ipvs0,
+        against ``self._bound`` (what is there), which it keeps up to date."""
+        from pyroute2 import IPRoute
+        have = self._bound if self._bound is not None else self._addresses(index)
+        todo = sorted(set(wanted) - have) if add else sorted(have - set(wanted))
+        if todo:
+            try:
+                with IPRoute() as ipr:
+                    for ip in todo:
+                        ipr.addr("add" if add else "del", index=index, address=ip, prefixlen=32)
+                        (have.add if add else have.discard)(ip)
+            except Exception:
+                self._bound = None                 # unsure what is there: the next sync looks
+                raise
+        self._bound = have
+        return len(todo)
 
     def _sync_ipsets(self, st, full: bool) -> int:
         """Members in, members out, in one ``ipset restore``. A full sync diffs against
@@ -285,8 +308,31 @@ class Backend:
         ip, port = address.rsplit(":", 1)
         return IPVSDest(addr=ip, port=int(port), weight=weight, fwd_method=FWD_MASQ)
 
-    def _sync_servers(self, wanted: Sequence[VirtualServer]) -> int:
-        current = self.current_servers()
+    def _service_dests(self, key: tuple) -> dict[str, tuple]:
+        """One virtual server's real servers with their connection counts (one small dump)."""
+        from pyroute2 import IPVSDest
+        out = {}
+        for d in self.ipvs.dest("dump", service=self._service(key)):
+            dest = IPVSDest.from_message(d)
+            out[f"{dest['addr']}:{dest.get('IPVS_DEST_ATTR_PORT')}"] = (
+                dest.get("IPVS_DEST_ATTR_WEIGHT", 0), dest.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0),
+                dest.get("IPVS_DEST_ATTR_INACT_CONNS", 0))
+        return out
+
+    def _sync_servers(self, wanted: Sequence[VirtualServer], full: bool = True) -> int:
+        """Diff the wanted virtual servers against the kernel and write the difference. A full
+        sync dumps every virtual server; a partial one diffs against what this backend last
+        left in the kernel and dumps only the virtual servers that lose a real server (their
+        connection counts decide between deleting it and draining it at weight 0), so one
+        changed Service costs the same with 1 or 10,000 in place."""
+        if full or self._servers_written is None:
+            current = self.current_servers()
+        else:
+            current = self._servers_written
+            for vs in wanted:
+                cur = current.get(vs.key)
+                if cur is not None and set(cur["dests"]) - {r.address for r in vs.reals}:
+                    cur["dests"] = self._service_dests(vs.key)
         n = 0
         now = time.monotonic()
         for vs in wanted:
@@ -321,6 +367,11 @@ class Backend:
                 for k in [k for k in self.draining if k[0] == key]:
                     del self.draining[k]
                 n += 1
+        self._servers_written = {
+            vs.key: {"sched": vs.scheduler, "flags": vs.flags, "timeout": vs.timeout,
+                     "dests": {**{addr: (0, 0, 0) for (key, addr) in self.draining if key == vs.key},
+                               **{r.address: (r.weight, 0, 0) for r in vs.reals}}}
+            for vs in wanted}
         return n
 
     def _graceful_delete(self, key: tuple, svc, addr: str, conns: int, now: float) -> int:
@@ -352,6 +403,8 @@ class Backend:
                 if dest[1] + dest[2] == 0 or expired:
                     ipvs.dest("del", service=self._service(key), dest=self._dest(addr))
                     del self.draining[(key, addr)]
+                    if self._servers_written is not None and key in self._servers_written:
+                        self._servers_written[key]["dests"].pop(addr, None)
                     n += 1
             return n
 
@@ -418,7 +471,7 @@ class Backend:
                 ipr.link("del", index=found[0])
                 removed.append(DUMMY_DEVICE)
         self.draining.clear()
-        self._sets_written = self._iptables_written = None
+        self._sets_written = self._iptables_written = self._servers_written = self._bound = self._local = None
         return ", ".join(removed) if removed else "nothing"
 
     def _chains(self) -> dict[str, set[str]]:

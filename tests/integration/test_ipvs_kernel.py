@@ -144,6 +144,26 @@ def test_unchanged_resync_writes_nothing(lab):
         assert sum(1 for line in saved if f'"{comment}"' in line and line.startswith("-A ")) == 2
 
 
+def test_partial_syncs_track_the_kernel(lab):
+    """A partial sync diffs against what the backend last left in the kernel (no dumps): a new
+    Service and a removed one each write only their own objects, and the kernel then holds
+    exactly what a full render says."""
+    extra = ServicePort("default", "extra", "", "TCP", 8081, "10.96.0.81", endpoints=eps(8080, POD1, POD2))
+    try:
+        added = sync(lab, services(extra=extra), {"default/extratcp"})
+        # the virtual server, 2 real servers, kube-ipvs0's address and this Service's ipset members
+        assert 4 <= added.written <= 8, added
+        with inside(NODE):
+            want = render(services(extra=extra), replace(CTX, node_ips=lab.local_addresses()))
+        assert sorted(ipvsadm("-Sn").splitlines()) == sorted(want.ipvsadm_text().splitlines())
+        assert "10.96.0.81/32" in sh("ip", "-o", "addr", "show", "dev", "kube-ipvs0", ns=NODE).stdout
+    finally:
+        removed = sync(lab, services(), {"default/extratcp"})
+    assert removed.written >= 2                                # the virtual server and its address
+    assert "10.96.0.81" not in ipvsadm("-Sn")
+    assert "10.96.0.81/32" not in sh("ip", "-o", "addr", "show", "dev", "kube-ipvs0", ns=NODE).stdout
+
+
 # -- traffic -------------------------------------------------------------------------------------
 def test_cluster_ip_tcp_from_a_pod(lab):
     results = [ask(POD2, "10.96.0.10", 80) for _ in range(10)]
