@@ -126,7 +126,7 @@ def target(args) -> GuestRecord | None:
     """The UML lab a parsed command is about, if it is about one."""
     if args.command in HOST_ONLY or not hasattr(args, "lab"):
         return None
-    name = getattr(args, "lab", None)
+    name = _lab_named(args)
     if name:
         return load(name)
     guests = uml_labs()
@@ -136,6 +136,18 @@ def target(args) -> GuestRecord | None:
     if len(guests) == 1 and not hosts:
         return load(guests[0])
     raise LabStateError(f"several labs are up ({', '.join(sorted(hosts + guests))}); name one with --lab")
+
+
+def _lab_named(args) -> str | None:
+    """The lab a command names: ``verify`` takes ``--lab``, or a topology file (its name)."""
+    name = getattr(args, "lab", None)
+    if args.command == "verify":
+        if getattr(args, "lab_name", None):
+            return args.lab_name
+        if name and os.path.isfile(name):
+            from ..topology import load as load_topology
+            return load_topology(name).name
+    return name
 
 
 def forward(rec: GuestRecord, args, argv: list[str]) -> int:
