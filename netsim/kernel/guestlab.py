@@ -87,8 +87,8 @@ def up(path: str, lab: str, timeout: float, output: str) -> int:
             _forget(rec)
             return rc
         print(f"\nlab {lab} runs in a user-mode Linux guest (pid {proc.pid}, booted and up in "
-              f"{time.monotonic() - t0:.1f}s). status, exec NODE -- CMD, selftest, apply, scale, node, "
-              f"registry and down are forwarded to it; 'netsim down {lab}' powers it off.", file=sys.stderr)
+              f"{time.monotonic() - t0:.1f}s). status, exec NODE -- CMD, selftest, probe, trace, verify, "
+              f"apply, scale, node, registry and down are forwarded to it; 'netsim down {lab}' powers it off.", file=sys.stderr)
         return 0
     except BaseException:
         if proc is not None:
