@@ -65,7 +65,8 @@ def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: f
     monitors = [nftrace.Monitor(n.name, n.netns) for n in plan.nodes] if traced else []
     if not traced:
         notes.append("rule tracing needs nf_tables (iptablesBackend: nft or proxyMode: nftables); "
-                     "this lab uses iptables-legacy, so only captures and conntrack are shown")
+                     "this lab uses iptables-legacy, so captures, conntrack" +
+                     (" and IPVS entries" if plan.proxy_mode == "ipvs" else "") + " are shown, no rules")
     lines: dict[str, list[str]] = {}
     try:
         for m in list(monitors):
@@ -95,8 +96,8 @@ def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: f
     if plan.proxy_mode == "ipvs":
         ipvs = {n.name: conns for n in plan.nodes if (conns := conntrack.ipvs_connections(n.netns, forward))}
         if ipvs:
-            notes.append("IPVS mode: the DNAT is IPVS's (a virtual server on kube-ipvs0, masquerade forwarding "
-                         "to the real server it scheduled), not a netfilter rule; conntrack shows it because "
+            notes.append("IPVS mode: the DNAT is IPVS's (the virtual server forwards to the real server it "
+                         "scheduled, in masquerade mode), not a netfilter rule; conntrack shows it because "
                          "kube-proxy sets net.ipv4.vs.conntrack=1")
     destinations = set(target.backends) or {_owner_of(plan, target.ip)}
     result = TraceResult(src, target, ip_id, crafted, steps, walk.nat_events(steps), rules, entries, ipvs,
