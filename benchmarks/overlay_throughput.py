@@ -34,6 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from netsim.bench.tools import RawVeth, Reaper, iperf as bench_iperf  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 NETSIM = [sys.executable, "-m", "netsim"]
 PORT = 5201                     # pods serve their declared port (8080); iperf3 uses another
@@ -75,90 +79,15 @@ manifests:
     return path
 
 
+RAW = RawVeth(RAW_A, RAW_B, RAW_IP_A, RAW_IP_B)
+
+
+def iperf(server_ns: str, server_ip: str, client_ns: str, seconds: int, reaper: Reaper) -> dict:
+    return bench_iperf(server_ns, server_ip, client_ns, seconds, reaper, omit=1, port=PORT)
+
+
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-# -- the raw veth: two namespaces made by hand ----------------------------------------
-
-def raw_down() -> None:
-    for ns in (RAW_A, RAW_B):
-        if Path(f"/run/netns/{ns}").exists():
-            sh("ip", "netns", "del", ns, check=False)     # the veth pair goes with them
-
-
-def raw_up() -> None:
-    raw_down()                                              # leftovers of an earlier run
-    sh("ip", "netns", "add", RAW_A)
-    sh("ip", "netns", "add", RAW_B)
-    sh("ip", "-n", RAW_A, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", RAW_B)
-    for ns, ip in ((RAW_A, RAW_IP_A), (RAW_B, RAW_IP_B)):
-        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-
-
-# -- one iperf3 sample ------------------------------------------------------------------
-
-def listening(pid: int, port: int) -> bool:
-    """True once process ``pid``'s namespace has a TCP socket listening on ``port``.
-    /proc/PID/net/tcp{,6} shows the sockets of that process's network namespace."""
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
-
-
-def wait_listening(server: subprocess.Popen, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    interval = 0.002
-    while not listening(server.pid, port):
-        if server.poll() is not None:
-            raise RuntimeError(f"iperf3 server exited {server.returncode} before listening: "
-                               f"{server.stderr.read().strip()}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"iperf3 server (pid {server.pid}) not listening on {port} after {timeout}s")
-        time.sleep(interval)
-        interval = min(interval * 2, 0.05)
-
-
-def iperf(server_ns: str, server_ip: str, client_ns: str, seconds: int, servers: list) -> dict:
-    # `ip netns exec` execs iperf3 in place, so the Popen pid is iperf3's own.
-    server = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", str(PORT),
-                               "-B", server_ip], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    servers.append(server)
-    try:
-        wait_listening(server, PORT)
-        budget = seconds + 1 + 20                            # run + omit + connect and report slack
-        done = subprocess.run(["ip", "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-p", str(PORT),
-                               "-t", str(seconds), "--omit", "1", "-J", "--connect-timeout", "3000"],
-                              capture_output=True, text=True, timeout=budget)
-        out = json.loads(done.stdout) if done.stdout.strip() else {}
-        if done.returncode != 0 or "error" in out:
-            raise RuntimeError(f"iperf3 client in {client_ns} -> {server_ip} failed: "
-                               f"{out.get('error') or done.stderr.strip()}")
-        try:
-            server.wait(timeout=10)                          # one-off: exits after its test
-        except subprocess.TimeoutExpired:
-            pass                                             # killed below
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    end = out["end"]
-    return {"gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
-            "sender_gbit_s": end["sum_sent"]["bits_per_second"] / 1e9,
-            "retransmits": end["sum_sent"].get("retransmits"),
-            "cpu_sender_pct": end.get("cpu_utilization_percent", {}).get("host_total"),
-            "cpu_receiver_pct": end.get("cpu_utilization_percent", {}).get("remote_total"),
-            "mss": out.get("start", {}).get("tcp_mss_default")}
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -190,14 +119,14 @@ def main() -> None:
         sys.exit("overlay_throughput: needs root (namespaces, veths, labs)")
 
     samples: dict[str, list[dict]] = {name: [] for name, *_ in PATHS}
-    servers: list[subprocess.Popen] = []
+    servers = Reaper()
     up: list[str] = []
     load_before = loadavg()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             log(f"creating {RAW_A}/{RAW_B} (raw veth)")
-            raw_up()
+            RAW.up()
             status = {}
             for overlay, lab in LABS.items():
                 log(f"netsim up {lab} (overlay {overlay})")
@@ -217,15 +146,12 @@ def main() -> None:
                     log(f"round {r + 1}/{args.repeat} {name:17s} {s['gbit_s']:6.2f} Gbit/s  "
                         f"retransmits {s['retransmits']}")
     finally:
-        for server in servers:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
+        servers.reap()
         for lab in up:
             log(f"netsim down {lab}")
             subprocess.run(NETSIM + ["down", lab], stdout=subprocess.DEVNULL, cwd=REPO)
         log(f"deleting {RAW_A}/{RAW_B}")
-        raw_down()
+        RAW.down()
 
     raw = [s["gbit_s"] for s in samples["raw-veth"]]
     rows = []

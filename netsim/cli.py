@@ -202,6 +202,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("topology")
     s.add_argument("-o", "--output", choices=("json", "yaml"), default="yaml")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("bench", help="benchmark the kube-proxy modes against this box's baselines")
+    s.add_argument("--profile", choices=("quick", "full"), default="quick",
+                   help="quick: under 5 minutes; full: under 45 (default quick)")
+    s.add_argument("--variants", nargs="+", metavar="VARIANT",
+                   help="iptables-legacy iptables-nft nftables ipvs (default: all the profile has)")
+    s.add_argument("--services", nargs="+", type=int, metavar="N", help="synthetic Service counts (default: the profile's)")
+    s.add_argument("--prefix", default="bench-", help="prefix of the labs and namespaces made (default bench-)")
+    s.add_argument("--out", help="results directory (default benchmarks/results/proxy-modes-PROFILE)")
+    s.add_argument("--no-plots", action="store_true", help="write no PNG/SVG plots")
+    s.add_argument("--deadline", type=float, help="seconds: Service counts that would end past it are skipped "
+                                                  "(default: the profile's)")
+    s.set_defaults(func=cmd_bench)
     return p
 
 
@@ -457,12 +470,14 @@ def cmd_selftest(args) -> int:
 def _probe_context(args):
     from .apply import labstate
     from .apply.services import load_resolution
-    from .probes.targets import resolve_source, resolve_target
+    from .probes import dnsname
+    from .probes.targets import resolve_source
     _need_root()
     lab = labstate.resolve_lab(args.lab)
     plan = labstate.load_plan(lab)
     res = load_resolution(lab)
-    return lab, plan, res, resolve_source(args.source, plan), resolve_target(args.target, plan, res, args.proto, args.port)
+    src = resolve_source(args.source, plan)       # a DNS name TARGET is asked from the source first
+    return lab, plan, res, src, dnsname.resolve(args.target, plan, res, src, args.proto, args.port, args.timeout)
 
 
 def cmd_probe(args) -> int:
@@ -481,7 +496,11 @@ def cmd_trace(args) -> int:
     from .report import as_json
     lab, plan, res, src, target = _probe_context(args)
     pcap = args.write or str(labstate.lab_dir(lab) / "traces" / f"trace-{_time.strftime('%Y%m%d-%H%M%S')}.pcapng")
-    result = trace.run(plan, src, target, pcap, timeout=args.timeout)
+    if "dns" in target.extra:
+        from .probes import dnsname
+        result = dnsname.trace(plan, res, src, target, pcap, timeout=args.timeout)
+    else:
+        result = trace.run(plan, src, target, pcap, timeout=args.timeout)
     print(as_json(result.to_dict()) if args.output == "json" else trace.text(result, args.every_packet))
     return 0 if result.crafted.reached else 1
 
@@ -580,3 +599,22 @@ def cmd_plan(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+    from .bench import report
+    from .bench.profiles import PROFILES, VARIANTS
+    from .bench.run import run
+    profile = PROFILES[args.profile]
+    variants = args.variants or list(profile.variants)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or any(n < 1 for n in args.services or ()):
+        raise NetsimError(f"unknown variant {bad[0]!r} (one of {', '.join(VARIANTS)})" if bad
+                          else "--services: every N must be at least 1")
+    _need_root()
+    result = run(profile, variants, args.prefix, args.services, deadline=args.deadline)
+    out = Path(args.out or f"benchmarks/results/proxy-modes-{args.profile}")
+    files = report.write(result, out, plots=not args.no_plots)
+    print(f"results: {', '.join(str(f) for f in files)}")
+    return 0

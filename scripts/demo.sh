@@ -19,7 +19,7 @@ netsim verify "$TOPO" --lab "$LAB"                    # the topology's verify: t
 echo
 netsim graph "$LAB"
 if [ "$TOPO" = "topologies/demo.yaml" ]; then
-  echo; netsim trace --lab "$LAB" client web        # one packet's path: DNAT, VXLAN, the rules that matched
+  echo; netsim trace --lab "$LAB" client web -w /tmp/netsim-demo-trace.pcapng   # one packet's path: DNAT, VXLAN, the rules that matched (the pcapng outlives the lab)
 fi
 if [ "${KEEP:-0}" = "1" ]; then
   echo; echo "lab $LAB left up: try 'netsim shell', 'netsim exec <pod> -- curl ...', then 'netsim down $LAB'"

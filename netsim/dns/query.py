@@ -136,3 +136,24 @@ def _read_tcp(s: socket.socket) -> bytes:
             raise OSError("DNS server closed the TCP connection early")
         data += chunk
     return data[2:2 + struct.unpack("!H", data[:2])[0]]
+
+
+def describe(data: bytes) -> str:
+    """One line for a DNS message, as a trace shows it: ``DNS query A web.default.svc.cluster.local``
+    or ``DNS answer NOERROR A 10.96.1.2`` (``DNS answer NXDOMAIN``). Raises ValueError if
+    ``data`` is not a DNS message."""
+    if len(data) < 12:
+        raise ValueError("too short for a DNS header")
+    flags, qd = struct.unpack("!HH", data[2:6])
+    qname, qtype = "", ""
+    if qd:
+        qname, off = _read_name(data, 12)
+        qtype = NAMES.get(struct.unpack("!H", data[off:off + 2])[0], "?")
+    if not flags & 0x8000:
+        return f"DNS query {qtype} {qname}".rstrip()
+    try:
+        answer = parse_response(data)
+    except Truncated:
+        return "DNS answer truncated (TC)"
+    values = ", ".join(f"{t} {v}" for _, t, v in answer.records)
+    return f"DNS answer {answer.rcode}" + (f" {values}" if values else "")

@@ -25,7 +25,7 @@ from . import mconsole, uml
 
 RECORD = "uml.json"
 # Commands that never go to a guest: they work on files or on the host itself.
-HOST_ONLY = {"up", "run", "kernel", "validate", "plan", "proxy", "clean"}
+HOST_ONLY = {"up", "run", "kernel", "validate", "plan", "proxy", "clean", "bench"}
 POWEROFF = 60.0
 
 

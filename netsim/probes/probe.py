@@ -37,6 +37,7 @@ class ProbeResult:
     rtt_ms: float | None = None
     note: str = ""
     local: str | None = None       # "ip:port" of the real connection's socket
+    dns: dict | None = None        # a DNS name TARGET: what the pod's nameserver answered
 
     @property
     def seen_ip(self) -> str | None:
@@ -58,7 +59,7 @@ def camel(data: dict) -> dict:
 def run(plan: LabPlan, src: Source, target: Target, timeout: float = 1.0) -> ProbeResult:
     crafted = scapyprobe.send(src.netns, target.ip, target.proto, target.port, timeout=timeout)
     result = ProbeResult(src.name, crafted.src, target.label, target.kind, target.address, target.proto,
-                         crafted.reached, crafted.verdict, rtt_ms=crafted.rtt_ms)
+                         crafted.reached, crafted.verdict, rtt_ms=crafted.rtt_ms, dns=target.extra.get("dns"))
     if target.proto == "icmp":
         if crafted.reached:
             result.backend_ip = crafted.reply_from
@@ -113,8 +114,11 @@ def text(r: ProbeResult) -> str:
         how = f"reached ({r.verdict}{f' in {r.rtt_ms:g} ms' if r.rtt_ms is not None else ''})"
     else:
         how = f"NOT reached ({r.verdict})"
-    lines = [f"from     {r.source} ({r.source_ip})",
-             f"to       {r.target}",
+    lines = [f"from     {r.source} ({r.source_ip})"]
+    if r.dns:
+        lines.append(f"dns      {r.dns['name']} → {r.dns['answeredAs']} A {', '.join(r.dns['addresses'])} "
+                     f"(from {r.dns['server']})")
+    lines += [f"to       {r.target}",
              f"result   {how}"]
     if r.backend:
         nat = f"DNAT {r.address} → {r.backend_ip}" if r.dnat else "no DNAT"

@@ -10,6 +10,9 @@ FROM is a pod (``name`` or ``ns/name``), a node or an external host. TARGET is o
 * a node (``node-1``, its IP; ICMP) or an external host (``ext-client``, its IP, its
   built-in server's port).
 
+(A DNS name — ``dns:web``, ``web.default.svc.cluster.local`` — is looked up from the source
+pod first, by ``dnsname``, and its answer's address is then resolved here.)
+
 ``--proto`` and ``--port`` pick among a Service's ports (``--port`` may be the port's
 number or name). The answer says which pods may answer (``backends``) so a caller can
 check the reply.

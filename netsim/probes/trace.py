@@ -22,7 +22,7 @@ from pathlib import Path
 from ..plan.state import LabPlan
 from . import conntrack, nftrace, pcapng, scapyprobe, walk
 from .capture import Capture, hops_for
-from .targets import Source, Target
+from .targets import ProbeError, Source, Target
 
 
 @dataclass
@@ -40,6 +40,9 @@ class TraceResult:
     hops_captured: int = 0
     notes: list[str] = field(default_factory=list)
     path: dict = field(default_factory=dict)
+    dns: "TraceResult | None" = None        # the DNS query that named the target (a DNS name TARGET)
+    hops: list = field(default_factory=list, repr=False)
+    frames: list = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -51,10 +54,28 @@ class TraceResult:
             "conntrack": [{"node": e.node, "entry": e.line, "nat": e.nat} for e in self.conntrack],
             "ipvs": {node: [c.to_dict() for c in conns] for node, conns in self.ipvs.items()}, "pcapng": self.pcap, "interfacesCaptured": self.hops_captured,
             "notes": self.notes, "path": self.path,
+            **({"dns": dict(self.target.extra.get("dns") or {}, trace=self.dns.to_dict())} if self.dns else {}),
         }
 
 
-def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: float = 1.0) -> TraceResult:
+def run_named(plan: LabPlan, src: Source, query: Target, payload: bytes, target_of, pcap: str | None,
+              timeout: float = 1.0) -> TraceResult:
+    """A DNS name TARGET: trace the query (``payload``, UDP to the nameserver ``query``),
+    then the connection to the address in its answer (``target_of(answer bytes)`` gives
+    that target); one pcapng holds both, the query first."""
+    first = run(plan, src, query, None, timeout, payload=payload)
+    if not first.crafted.reached:
+        raise ProbeError(f"the DNS query to {query.address} got no answer ({first.crafted.verdict})")
+    second = run(plan, src, target_of(first.crafted.raw), None, timeout)
+    second.dns = first
+    if pcap:
+        write_pcap_many(pcap, [(first.hops, first.frames, first.steps), (second.hops, second.frames, second.steps)])
+        second.pcap = pcap
+    return second
+
+
+def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: float = 1.0,
+        payload: bytes | None = None) -> TraceResult:
     ip_id = random.randint(1, 0xFFFF)
     pods = ([src.name] if src.kind == "pod" else []) + [b for b in target.backends if "/" in b]
     externals = [src.name] if src.kind == "external" else []
@@ -77,7 +98,8 @@ def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: f
                 monitors.remove(m)
                 notes.append(f"no rule tracing in {m.node}: {exc.stderr.strip().splitlines()[-1] if exc.stderr else exc}")
         with Capture(hops) as cap:
-            crafted = scapyprobe.send(src.netns, target.ip, target.proto, target.port, timeout=timeout, ip_id=ip_id)
+            crafted = scapyprobe.send(src.netns, target.ip, target.proto, target.port, timeout=timeout,
+                                      ip_id=ip_id, payload=payload)
             frames = cap.until_quiet()
             if cap.missing:
                 notes.append(f"not captured (gone): {', '.join(cap.missing)}")
@@ -102,7 +124,8 @@ def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: f
     destinations = set(target.backends) or {_owner_of(plan, target.ip)}
     result = TraceResult(src, target, ip_id, crafted, steps, walk.nat_events(steps), rules, entries, ipvs,
                          hops_captured=len(hops), notes=notes,
-                         path=walk.path_summary(steps, destinations, plan.pod_cidr if plan.overlay == "vxlan" else None))
+                         path=walk.path_summary(steps, destinations, plan.pod_cidr if plan.overlay == "vxlan" else None),
+                         hops=hops, frames=frames)
     if pcap:
         write_pcap(pcap, hops, frames, steps)
         result.pcap = pcap
@@ -118,18 +141,30 @@ def _owner_of(plan: LabPlan, ip: str) -> str:
 
 
 def write_pcap(path: str, hops, frames, steps: list[walk.Step]) -> None:
-    used = sorted({frames[s.frame].hop for s in steps if s.frame >= 0})
-    index = {h: i for i, h in enumerate(used)}
-    interfaces = [(hops[h].label, hops[h].role) for h in used]
+    write_pcap_many(path, [(hops, frames, steps)])
+
+
+def write_pcap_many(path: str, walks: list[tuple[list, list, list[walk.Step]]]) -> None:
+    """One pcapng for one or more walks (a DNS query, then the connection): one interface
+    per hop label, the walks' packets one after the other, each with its step as comment."""
+    interfaces: list[tuple[str, str]] = []
+    index: dict[str, int] = {}
     packets = []
-    for s in steps:
-        if s.frame < 0:
-            continue                      # the node's own stack: no frame was captured there
-        f = frames[s.frame]
-        comment = f"step {s.n} {s.leg} {s.direction} {s.hop}: {s.proto} {s.addr()} {s.info}".strip()
-        if s.nat:
-            comment += " | " + "; ".join(s.nat)
-        packets.append((index[f.hop], f.ts_ns, f.data, f.outgoing, comment))
+    for part, (hops, frames, steps) in enumerate(walks, 1):
+        used = sorted({frames[s.frame].hop for s in steps if s.frame >= 0})
+        for h in used:
+            if hops[h].label not in index:
+                index[hops[h].label] = len(interfaces)
+                interfaces.append((hops[h].label, hops[h].role))
+        for s in steps:
+            if s.frame < 0:
+                continue                  # the node's own stack: no frame was captured there
+            f = frames[s.frame]
+            step = f"step {s.n}" if len(walks) == 1 else f"part {part} step {s.n}"
+            comment = f"{step} {s.leg} {s.direction} {s.hop}: {s.proto} {s.addr()} {s.info}".strip()
+            if s.nat:
+                comment += " | " + "; ".join(s.nat)
+            packets.append((index[hops[f.hop].label], f.ts_ns, f.data, f.outgoing, comment))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     pcapng.write(path, interfaces, packets)
 
@@ -137,7 +172,27 @@ def write_pcap(path: str, hops, frames, steps: list[walk.Step]) -> None:
 # -- text for people ----------------------------------------------------------------------
 def text(r: TraceResult, every_packet: bool = False) -> str:
     """The walk for people: the probe and its first answer (``every_packet``: also what
-    followed, such as the source's RST to a SYN-ACK it did not expect)."""
+    followed, such as the source's RST to a SYN-ACK it did not expect). A DNS name
+    TARGET shows the query's walk first, then the connection's."""
+    if r.dns is None:
+        return _walk_text(r, every_packet)
+    found = r.target.extra.get("dns") or {}
+    answer = ", ".join(found.get("addresses", []))
+    tried = found.get("tried", [])
+    out = [f"DNS: {r.source.name} asks its nameserver {found.get('server')} for {found.get('name')}: "
+           f"{found.get('answeredAs')} A {answer}"]
+    if len(tried) > 1:
+        out.append("     search path: " + ", ".join(f"{t['name']} {t['rcode']}" for t in tried))
+    out += ["", f"== 1. the DNS query (UDP to {r.dns.target.address}) ==",
+            _walk_text(r.dns, every_packet, pcap_line=False),
+            "", f"== 2. the connection to {answer.split(',')[0]} ==", _walk_text(r, every_packet, pcap_line=False)]
+    if r.pcap:
+        out += ["", f"pcapng: {r.pcap} ({len(r.dns.steps) + len(r.steps)} packets, the DNS query first; open in "
+                    f"Wireshark, or tshark -r {r.pcap} -d udp.port==8472,vxlan)"]
+    return "\n".join(out)
+
+
+def _walk_text(r: TraceResult, every_packet: bool = False, pcap_line: bool = True) -> str:
     steps = r.steps
     if not every_packet and steps:
         first = {}
@@ -192,11 +247,13 @@ def text(r: TraceResult, every_packet: bool = False) -> str:
             if not interesting:
                 continue
             out.append(f"  {p.node}: {p.summary()}")
+            tw = max(7, *(len(x["table"]) for x in interesting))      # nftables chain names are long
+            cw = max(28, *(len(x["chain"]) for x in interesting))
             for x in interesting:
                 rule = x["rule"] or f"policy {x['verdict']}"
                 shown = x["rule"] and x["verdict"] and not x["rule"].endswith(x["verdict"])
                 verdict = f"  → {x['verdict']}" if shown else ""
-                out.append(f"      {x['table']:<7} {x['chain']:<28} {rule}{verdict}")
+                out.append(f"      {x['table']:<{tw}} {x['chain']:<{cw}} {rule}{verdict}")
     if r.conntrack:
         out += ["", "conntrack:"]
         for e in r.conntrack:
@@ -209,7 +266,7 @@ def text(r: TraceResult, every_packet: bool = False) -> str:
             out += [f"  {node}: {c.text()}" for c in conns]
     for note in r.notes:
         out += ["", f"note: {note}"]
-    if r.pcap:
+    if r.pcap and pcap_line:
         out += ["", f"pcapng: {r.pcap} ({len(r.steps)} packets; open in Wireshark, or "
                     f"tshark -r {r.pcap} -d udp.port==8472,vxlan)"]
     return "\n".join(out)

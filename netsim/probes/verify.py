@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from ..dns.objects import is_dns_port
 from ..plan.state import LabPlan
-from . import probe as probing
+from . import dnsname, probe as probing
 from ..errors import NetsimError
-from .targets import Source, Target, resolve_source, resolve_target
+from .targets import Source, Target, resolve_source
 
 
 @dataclass
@@ -194,8 +194,12 @@ def run(plan: LabPlan, res, cases: list[Case], timeout: float = 0.5) -> tuple[li
     for case in cases:
         try:
             src = resolve_source(case.source, plan)
-            target: Target = resolve_target(case.target, plan, res, case.proto, case.port)
+            target: Target = dnsname.resolve(case.target, plan, res, src, case.proto, case.port, timeout)
             r = probing.run(plan, src, target, timeout=timeout)
+        except dnsname.NameNotFound as exc:          # a name that does not resolve is not reached
+            ok = not case.expect.reach
+            out.append(Outcome(case, ok, f"name not found ({exc.rcodes})", [] if ok else [str(exc)]))
+            continue
         except (NetsimError, OSError) as exc:
             out.append(Outcome(case, False, f"error: {exc}", [str(exc)]))
             continue

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from .capture import Frame, Hop
 
 VXLAN_PORT = 8472
+DNS_PORT = 53
 
 Tuple5 = tuple[str, str, int, str, int]      # proto, src, sport, dst, dport
 
@@ -79,7 +80,7 @@ def decode(data: bytes) -> tuple[dict | None, dict | None]:
         fields.update(sport=ip[TCP].sport, dport=ip[TCP].dport, info=str(ip[TCP].flags))
     elif ip.proto == 17 and UDP in ip:
         payload = bytes(ip[UDP].payload)
-        fields.update(sport=ip[UDP].sport, dport=ip[UDP].dport, info=_printable(payload))
+        fields.update(sport=ip[UDP].sport, dport=ip[UDP].dport, info=_udp_info(ip[UDP].sport, ip[UDP].dport, payload))
     elif ip.proto == 1 and ICMP in ip:
         icmp = ip[ICMP]
         if icmp.type in (0, 8):
@@ -92,6 +93,17 @@ def decode(data: bytes) -> tuple[dict | None, dict | None]:
                 qs, qd = (q.sport, q.dport) if q.proto in (6, 17) and hasattr(q.payload, "sport") else (0, 0)
                 fields["quoted"] = {"id": q.id, "tuple": ({6: "tcp", 17: "udp"}.get(q.proto, "icmp"), q.src, qs, q.dst, qd)}
     return fields, outer
+
+
+def _udp_info(sport: int, dport: int, payload: bytes) -> str:
+    """A DNS message (port 53) in one line, else the start of the payload."""
+    if DNS_PORT in (sport, dport):
+        from ..dns.query import describe
+        try:
+            return describe(payload)
+        except Exception:            # not DNS after all: show the bytes
+            pass
+    return _printable(payload)
 
 
 def _printable(payload: bytes) -> str:

@@ -89,6 +89,13 @@ def read(raw: Any, ck: Checker, machines: set[str], pods: set[str], services: se
 
 
 def _check_target(dst: str, path: str, ck: Checker, machines, pods, services) -> None:
+    if dst.startswith("dns:"):               # a DNS name: asked from the source pod when verify runs
+        name, _, tail = dst[4:].partition(":")
+        if not name:
+            ck.error(path, f"{dst!r}: 'dns:' needs a name", "dns:web or dns:web.default.svc.cluster.local:80")
+        elif tail and not tail.isdigit():
+            ck.error(path, f"{dst!r}: the part after the name must be a port number", "or give the port with port:")
+        return
     host = dst.rsplit(":", 1)[0] if dst.count(":") == 1 else dst
     tail = dst.rsplit(":", 1)[1] if dst.count(":") == 1 else ""
     if tail and not tail.isdigit():
@@ -102,6 +109,8 @@ def _check_target(dst: str, path: str, ck: Checker, machines, pods, services) ->
         return
     except ValueError:
         pass
+    if "." in host.rstrip(".") and "/" not in host:
+        return                               # a DNS name (web.default.svc.cluster.local): resolved at run time
     if host not in machines | pods | services:
         ck.error(path, f"{host!r} is no pod, Service, node or external of this topology",
                  _near(host, machines | pods | services))

@@ -210,8 +210,10 @@ def test_cluster_ip_answers_ping(lab):
     by the node (in iptables mode nothing answers). Since kube-proxy 1.27 KUBE-IPVS-FILTER
     rejects new traffic to kube-ipvs0 addresses that no Service port matches, so the answer
     is port-unreachable; without that rule (older kube-proxy) it is an echo reply."""
+    # earlier tests drew ICMP errors to this pod: lift the node's per-peer ICMP rate limit
+    sh("sysctl", "-qw", "net.ipv4.icmp_ratelimit=0", ns=NODE)
     out = sh("ping", "-c", "1", "-W", "2", "10.96.0.10", ns=POD2, check=False).stdout
-    assert "From 10.96.0.10" in out and "Port Unreachable" in out
+    assert "From 10.96.0.10" in out and "Port Unreachable" in out, out
     sh(lab.iptables, "-t", "filter", "-D", "KUBE-IPVS-FILTER", "-m", "conntrack", "--ctstate", "NEW",
        "-m", "set", "--match-set", "KUBE-IPVS-IPS", "dst", "-j", "REJECT", ns=NODE)
     try:

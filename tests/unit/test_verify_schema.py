@@ -119,3 +119,13 @@ def test_default_matrix_covers_every_access_path(demo):
     cluster_np = [c for c in nodeport if "eTP=Cluster" in c.name]
     assert {c.expect.source for c in cluster_np} == {n.name for n in plan.nodes}
     assert sum("LoadBalancer" in c.name for c in cases) == sum(len(p.load_balancer_ips) for p in res.ports)
+
+
+def test_a_dns_name_target_is_checked_when_verify_runs():
+    topo = load_text(demo_with({"by-name": {"from": "client", "to": "dns:web:80"},
+                                "by-fqdn": {"from": "client", "to": "web.default.svc.cluster.local"}}),
+                     base_dir=DEMO.parent)
+    assert [t.target for t in topo.verify] == ["dns:web:80", "web.default.svc.cluster.local"]
+    lines = problems({"empty": {"from": "client", "to": "dns:"}, "port": {"from": "client", "to": "dns:web:http"}})
+    assert any("verify.empty.to" in l and "'dns:' needs a name" in l for l in lines)
+    assert any("verify.port.to" in l and "must be a port number" in l for l in lines)
