@@ -133,6 +133,11 @@ def test_probe_trace_and_verify_in_ipvs_mode(lab, tmp_path):
     assert t["reached"] and fwd["kinds"] == ["DNAT", "SNAT"]
     assert [e["virtual"] for e in t["ipvs"]["node-1"]] == [f"{node1['address']}:30080"]
 
+    # a DNS name: the query to the kube-dns ClusterIP is an IPVS UDP entry too
+    t = json.loads(netsim("trace", "--lab", lab, "client", "dns:web", "-o", "json", "-w", "/dev/null").stdout)
+    assert t["reached"] and t["address"] == f"{web}:80"
+    assert [e["virtual"] for e in t["dns"]["trace"]["ipvs"]["node-1"]] == ["10.96.0.10:53"]
+
     done = netsim("verify", "--lab", lab, timeout=300)      # the demo's verify: section and the matrix
     assert ", 0 failed" in done.stdout and "clusterip-does-not-ping" in done.stdout
 
