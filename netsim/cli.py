@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
                    help="host kernel, a user-mode Linux guest, or auto (UML only when the host lacks a feature)")
     s.set_defaults(func=cmd_up)
 
-    s = sub.add_parser("run", help="batch: bring a topology up, selftest it, tear it down (host or UML kernel)")
+    s = sub.add_parser("run", help="batch: bring a topology up, selftest and verify it, tear it down (host or UML kernel)")
     s.add_argument("topology")
     s.add_argument("--kernel", choices=("auto", "host", "uml"), default="auto")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for readiness (default 60)")

@@ -47,7 +47,7 @@ def check_text(topo=None, host=None, guest=_PROBE) -> tuple[str, int]:
 
 
 def run_here(path: str, timeout: float) -> int:
-    """Bring the lab up on this kernel, check it, print its status, tear it down."""
+    """Bring the lab up on this kernel, check it (selftest, verify), tear it down."""
     from ..cli import main
     from ..topology import load
     lab = load(path).name
@@ -58,10 +58,12 @@ def run_here(path: str, timeout: float) -> int:
     try:
         print(flush=True)
         rc = main(["selftest", lab])
+        print(flush=True)
+        rc = main(["verify", path]) or rc        # its verify: section and the default matrix
     finally:
         sys.stdout.flush()
         down = main(["down", lab])
-    print(f"netsim run: {lab} {'passed' if rc == 0 else 'FAILED'} (up, selftest, down in "
+    print(f"netsim run: {lab} {'passed' if rc == 0 else 'FAILED'} (up, selftest, verify, down in "
           f"{time.monotonic() - t0:.1f}s)", flush=True)
     return rc or down
 

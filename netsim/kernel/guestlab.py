@@ -87,8 +87,8 @@ def up(path: str, lab: str, timeout: float, output: str) -> int:
             _forget(rec)
             return rc
         print(f"\nlab {lab} runs in a user-mode Linux guest (pid {proc.pid}, booted and up in "
-              f"{time.monotonic() - t0:.1f}s). status, exec NODE -- CMD, selftest, apply, scale, node, "
-              f"registry and down are forwarded to it; 'netsim down {lab}' powers it off.", file=sys.stderr)
+              f"{time.monotonic() - t0:.1f}s). status, exec NODE -- CMD, selftest, probe, trace, verify, "
+              f"apply, scale, node, registry and down are forwarded to it; 'netsim down {lab}' powers it off.", file=sys.stderr)
         return 0
     except BaseException:
         if proc is not None:
@@ -126,7 +126,7 @@ def target(args) -> GuestRecord | None:
     """The UML lab a parsed command is about, if it is about one."""
     if args.command in HOST_ONLY or not hasattr(args, "lab"):
         return None
-    name = getattr(args, "lab", None)
+    name = _lab_named(args)
     if name:
         return load(name)
     guests = uml_labs()
@@ -136,6 +136,18 @@ def target(args) -> GuestRecord | None:
     if len(guests) == 1 and not hosts:
         return load(guests[0])
     raise LabStateError(f"several labs are up ({', '.join(sorted(hosts + guests))}); name one with --lab")
+
+
+def _lab_named(args) -> str | None:
+    """The lab a command names: ``verify`` takes ``--lab``, or a topology file (its name)."""
+    name = getattr(args, "lab", None)
+    if args.command == "verify":
+        if getattr(args, "lab_name", None):
+            return args.lab_name
+        if name and os.path.isfile(name):
+            from ..topology import load as load_topology
+            return load_topology(name).name
+    return name
 
 
 def forward(rec: GuestRecord, args, argv: list[str]) -> int:

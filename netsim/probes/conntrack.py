@@ -75,12 +75,46 @@ def entries(node: str, ns: str, forward: set[Tuple5], ip_id: int | None = None) 
     return out
 
 
-def ipvs_connections(ns: str, addresses: set[str]) -> list[str]:
-    """``ipvsadm -Lnc`` lines that mention one of ``addresses`` (IPVS mode)."""
+@dataclass
+class IPVSConn:
+    """One ``ipvsadm -Lnc`` entry: the client, the virtual server it asked, the real server IPVS chose."""
+    proto: str
+    expires: str
+    state: str
+    client: str
+    virtual: str
+    real_server: str
+
+    def to_dict(self) -> dict:
+        return {"proto": self.proto, "state": self.state, "expires": self.expires, "client": self.client,
+                "virtual": self.virtual, "realServer": self.real_server}
+
+    def text(self) -> str:
+        return (f"{self.proto} {self.client} → virtual server {self.virtual} → real server "
+                f"{self.real_server}  {self.state}, expires in {self.expires}")
+
+
+def parse_ipvs(text: str) -> list[IPVSConn]:
+    out = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 6 and words[0] in ("TCP", "UDP", "SCTP"):
+            out.append(IPVSConn(*words))
+    return out
+
+
+def ipvs_connections(ns: str, flows: set[Tuple5]) -> list[IPVSConn]:
+    """The ``ipvsadm -Lnc`` entries of ``flows`` (the probe's forward 5-tuples, IPVS mode):
+    an entry's client and virtual server are a flow's source and destination before DNAT."""
     try:
         done = subprocess.run(["ip", "netns", "exec", ns, "ipvsadm", "-Lnc"], capture_output=True, text=True)
     except FileNotFoundError:
         return []
     if done.returncode != 0:
         return []
-    return [l.strip() for l in done.stdout.splitlines() if any(a in l for a in addresses)]
+    return of_flows(parse_ipvs(done.stdout), flows)
+
+
+def of_flows(conns: list[IPVSConn], flows: set[Tuple5]) -> list[IPVSConn]:
+    wanted = {(p.upper(), f"{s}:{sp}", f"{d}:{dp}") for p, s, sp, d, dp in flows}
+    return [c for c in conns if (c.proto, c.client, c.virtual) in wanted]

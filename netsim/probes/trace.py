@@ -35,7 +35,7 @@ class TraceResult:
     nat: list[dict]
     rules: list[nftrace.TracedPacket]
     conntrack: list[conntrack.Entry]
-    ipvs: dict[str, list[str]] = field(default_factory=dict)
+    ipvs: dict[str, list[conntrack.IPVSConn]] = field(default_factory=dict)
     pcap: str | None = None
     hops_captured: int = 0
     notes: list[str] = field(default_factory=list)
@@ -52,7 +52,7 @@ class TraceResult:
             "steps": [s.to_dict() for s in self.steps], "nat": self.nat,
             "rules": [{"node": p.node, "packet": p.summary(), "rules": p.rules} for p in self.rules],
             "conntrack": [{"node": e.node, "entry": e.line, "nat": e.nat} for e in self.conntrack],
-            "ipvs": self.ipvs, "pcapng": self.pcap, "interfacesCaptured": self.hops_captured,
+            "ipvs": {node: [c.to_dict() for c in conns] for node, conns in self.ipvs.items()}, "pcapng": self.pcap, "interfacesCaptured": self.hops_captured,
             "notes": self.notes, "path": self.path,
             **({"dns": dict(self.target.extra.get("dns") or {}, trace=self.dns.to_dict())} if self.dns else {}),
         }
@@ -86,7 +86,8 @@ def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: f
     monitors = [nftrace.Monitor(n.name, n.netns) for n in plan.nodes] if traced else []
     if not traced:
         notes.append("rule tracing needs nf_tables (iptablesBackend: nft or proxyMode: nftables); "
-                     "this lab uses iptables-legacy, so only captures and conntrack are shown")
+                     "this lab uses iptables-legacy, so captures, conntrack" +
+                     (" and IPVS entries" if plan.proxy_mode == "ipvs" else "") + " are shown, no rules")
     lines: dict[str, list[str]] = {}
     try:
         for m in list(monitors):
@@ -115,8 +116,11 @@ def run(plan: LabPlan, src: Source, target: Target, pcap: str | None, timeout: f
     entries = [e for n in plan.nodes for e in conntrack.entries(n.name, n.netns, forward, ip_id if traced else None)]
     ipvs = {}
     if plan.proxy_mode == "ipvs":
-        addrs = {s.src for s in steps} | {s.dst for s in steps}
-        ipvs = {n.name: conns for n in plan.nodes if (conns := conntrack.ipvs_connections(n.netns, addrs))}
+        ipvs = {n.name: conns for n in plan.nodes if (conns := conntrack.ipvs_connections(n.netns, forward))}
+        if ipvs:
+            notes.append("IPVS mode: the DNAT is IPVS's (the virtual server forwards to the real server it "
+                         "scheduled, in masquerade mode), not a netfilter rule; conntrack shows it because "
+                         "kube-proxy sets net.ipv4.vs.conntrack=1")
     destinations = set(target.backends) or {_owner_of(plan, target.ip)}
     result = TraceResult(src, target, ip_id, crafted, steps, walk.nat_events(steps), rules, entries, ipvs,
                          hops_captured=len(hops), notes=notes,
@@ -256,8 +260,10 @@ def _walk_text(r: TraceResult, every_packet: bool = False, pcap_line: bool = Tru
             out.append(f"  {e.node}: {e.line}")
             for n in e.nat:
                 out.append(f"      {n}")
-    for node, conns in r.ipvs.items():
-        out += ["", f"IPVS connections on {node}:"] + [f"  {c}" for c in conns]
+    if r.ipvs:
+        out += ["", "IPVS connection entries (ipvsadm -Lnc):"]
+        for node, conns in r.ipvs.items():
+            out += [f"  {node}: {c.text()}" for c in conns]
     for note in r.notes:
         out += ["", f"note: {note}"]
     if r.pcap and pcap_line:

@@ -8,6 +8,7 @@ request costs no process start (which matters inside user-mode Linux).
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import threading
 from contextlib import contextmanager
@@ -69,8 +70,11 @@ class PodServer:
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
         with conn, conn.makefile("rb") as lines:
-            for _ in lines:
-                conn.sendall(f"{self.name} {peer}\n".encode())
+            try:
+                for _ in lines:
+                    conn.sendall(f"{self.name} {peer}\n".encode())
+            except ConnectionResetError:         # the client closed with RST (SO_LINGER 0)
+                pass
 
     def _datagrams(self) -> None:
         while True:
@@ -126,3 +130,27 @@ def ask(ns: str, ip: str, port: int, proto: str = "tcp", timeout: float = 3.0) -
         s.sendto(b"who", (ip, port))
         name, peer = s.recv(512).decode().split()
         return name, peer
+
+
+TCPI_TOTAL_RETRANS = 100          # offset of tcpi_total_retrans in struct tcp_info
+
+
+def from_port(ns: str, ip: str, port: int, sport: int, timeout: float = 3.0) -> tuple[str | None, int]:
+    """One request from ``ns`` with the fixed source port ``sport``, closed with an RST
+    (SO_LINGER 0: no TIME_WAIT here, so the next call may reuse the port at once):
+    (pod name, or None when the connection was not answered; segments retransmitted)."""
+    with inside(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.bind(("0.0.0.0", sport))
+        s.settimeout(timeout)
+        try:
+            s.connect((ip, port))
+            s.sendall(b"who\n")
+            name = s.recv(512).decode().split()[0]
+        except OSError:
+            name = None
+        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return name, struct.unpack_from("<I", info, TCPI_TOTAL_RETRANS)[0]

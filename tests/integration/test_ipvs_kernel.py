@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from ipvs_lab import Conn, PodServer, ask, inside, iptables_backend, sh
+from ipvs_lab import Conn, PodServer, ask, from_port, inside, iptables_backend, sh
 from netsim.proxy.ipvs import IPSET_NAMES, render
 from netsim.proxy.ipvs_apply import Backend
 from netsim.proxy.model import Endpoint, NodeContext, ServicePort
@@ -23,8 +23,9 @@ from netsim.runtime.wait import wait_for
 pytestmark = [pytest.mark.root, pytest.mark.ipvs]      # skipped without ip_vs (tests/conftest.py)
 
 NODE, POD1, POD2, EXT = "iv-k-node", "iv-k-pod1", "iv-k-pod2", "iv-k-ext"
+CLIENT = "iv-k-client"                                   # a third pod: only a client, serves nothing
 NODE_IP, EXT_IP = "10.250.0.1", "10.250.0.2"
-POD_IP = {POD1: "10.244.1.2", POD2: "10.244.1.3"}
+POD_IP = {POD1: "10.244.1.2", POD2: "10.244.1.3", CLIENT: "10.244.1.4"}
 GATEWAY = "10.244.1.1"
 LB_IP = "192.168.250.10"
 CTX = NodeContext(NODE, (NODE_IP,), "10.244.0.0/16")
@@ -48,10 +49,10 @@ def services(**changes) -> list[ServicePort]:
 
 
 def build() -> None:
-    for ns in (NODE, POD1, POD2, EXT):
+    for ns in (NODE, POD1, POD2, CLIENT, EXT):
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "set", "lo", "up", ns=ns)
-    for i, pod in enumerate((POD1, POD2), 1):
+    for i, pod in enumerate((POD1, POD2, CLIENT), 1):
         sh("ip", "-n", NODE, "link", "add", f"veth{i}", "type", "veth", "peer", "name", "eth0", "netns", pod)
         sh("ip", "-n", NODE, "addr", "add", f"{GATEWAY}/32", "dev", f"veth{i}")
         sh("ip", "-n", NODE, "link", "set", f"veth{i}", "up")
@@ -69,7 +70,7 @@ def build() -> None:
 
 
 def destroy() -> None:
-    for ns in (POD1, POD2, EXT, NODE):
+    for ns in (POD1, POD2, CLIENT, EXT, NODE):
         sh("ip", "netns", "del", ns, check=False)
 
 
@@ -277,6 +278,97 @@ def test_removed_service_leaves_no_virtual_server_or_address(lab):
         assert "10.96.0.20" not in sh("ip", "-o", "addr", "show", "dev", "kube-ipvs0", ns=NODE).stdout
         assert "10.96.0.20" not in sh("ipset", "save", "KUBE-CLUSTER-IP", ns=NODE).stdout
     finally:
+        sync(lab, services(), None)
+
+
+# -- conn_reuse_mode and expire_nodest_conn ----------------------------------------------------
+def vs_sysctl(name: str, value: int | None = None) -> int:
+    if value is not None:
+        sh("sysctl", "-qw", f"net.ipv4.vs.{name}={value}", ns=NODE)
+    return int(sh("sysctl", "-n", f"net.ipv4.vs.{name}", ns=NODE).stdout)
+
+
+@pytest.fixture
+def vs_sysctls(lab):
+    """Tests change conn_reuse_mode / expire_nodest_conn; put back what kube-proxy leaves
+    (1 and 1) and the real servers the tests drained or deleted by hand."""
+    yield vs_sysctl
+    vs_sysctl("conn_reuse_mode", 1)
+    vs_sysctl("expire_nodest_conn", 1)
+    sync(lab, services(), None)
+
+
+def entries_from(sport: int) -> list[str]:
+    """ipvsadm -Lnc lines of the client's connections from source port ``sport``."""
+    return [l for l in ipvsadm("-Lnc").splitlines() if f"{POD_IP[CLIENT]}:{sport} " in l]
+
+
+def real_server_of(sport: int) -> str:
+    (line,) = entries_from(sport)
+    return line.split()[-1]                                       # the Destination column: ip:port
+
+
+def test_conn_reuse_mode_decides_if_a_reused_source_port_is_scheduled_again(lab, vs_sysctls):
+    """A client reuses one source port (each connection closed with an RST, so IPVS keeps
+    the old entry in CLOSE for 10 s). conn_reuse_mode=1, the kernel's default that
+    kube-proxy leaves alone on kernels >= 5.9: the SYN finds the old entry, IPVS expires it
+    and schedules anew, so rr alternates; with vs.conntrack=1 the first SYN is no longer
+    dropped (before 5.9 it was: the 1 s connect delays of kubernetes issue 70747, why
+    kube-proxy set mode 0 on older kernels).
+    conn_reuse_mode=0: the SYN joins the old entry and goes to the same real server."""
+    assert vs_sysctl("conn_reuse_mode") == 1 and vs_sysctl("conntrack") == 1
+    reused = [from_port(CLIENT, "10.96.0.10", 80, 40001) for _ in range(4)]
+    assert [n for n, _ in reused] in (["pod1", "pod2"] * 2, ["pod2", "pod1"] * 2)
+    assert all(retrans == 0 for _, retrans in reused)            # no SYN was dropped
+    assert len(entries_from(40001)) == 1 and "CLOSE" in entries_from(40001)[0]
+    vs_sysctls("conn_reuse_mode", 0)
+    reused = [from_port(CLIENT, "10.96.0.10", 80, 40002) for _ in range(4)]
+    assert len(set(reused)) == 1 and reused[0][0] in ("pod1", "pod2") and reused[0][1] == 0
+    pod = POD1 if reused[0][0] == "pod1" else POD2
+    assert real_server_of(40002) == f"{POD_IP[pod]}:8080"
+    assert {from_port(CLIENT, "10.96.0.10", 80, 0)[0] for _ in range(2)} == {"pod1", "pod2"}  # fresh ports: rr
+
+
+def test_conn_reuse_mode_0_and_a_drained_real_server_weight_0(lab, vs_sysctls):
+    """With conn_reuse_mode=0 a reused port stays with a real server set to weight 0
+    (graceful termination, which then never drains: kubernetes issue 81775) only when
+    expire_nodest_conn=0; with kube-proxy's
+    expire_nodest_conn=1 the 6.1 kernel reschedules it even in mode 0 (older kernels
+    checked weight 0 only when conn_reuse_mode was on)."""
+    vs_sysctls("conn_reuse_mode", 0)
+    for nodest, sport in ((0, 40010), (1, 40011)):
+        vs_sysctls("expire_nodest_conn", nodest)
+        first, _ = from_port(CLIENT, "10.96.0.10", 80, sport)
+        drained = real_server_of(sport)
+        sh("ipvsadm", "-e", "-t", "10.96.0.10:80", "-r", drained, "-m", "-w", "0", ns=NODE)
+        again = [from_port(CLIENT, "10.96.0.10", 80, sport)[0] for _ in range(2)]
+        if nodest == 0:
+            assert again == [first, first]                       # the weight-0 server answers
+        else:
+            assert first not in again and len(set(again)) == 1    # rescheduled to the other one
+        assert from_port(CLIENT, "10.96.0.10", 80, 0)[0] != first  # new ports avoid weight 0 anyway
+        sync(lab, services(), None)
+
+
+def test_expire_nodest_conn_and_a_deleted_real_server(lab, vs_sysctls):
+    """A real server deleted while an entry still points at it: expire_nodest_conn=1
+    (kube-proxy's) removes its entries at once and the reused port is scheduled anew;
+    with 0 and conn_reuse_mode=0 the SYN is dropped while the entry lasts (the client
+    retransmits and gets no answer); conn_reuse_mode=1 reschedules the CLOSE entry anyway."""
+    cases = [(0, 1, 40020, "rescheduled"), (0, 0, 40021, "dropped"), (1, 0, 40022, "rescheduled")]
+    for reuse, nodest, sport, outcome in cases:
+        vs_sysctls("conn_reuse_mode", reuse)
+        vs_sysctls("expire_nodest_conn", nodest)
+        first, _ = from_port(CLIENT, "10.96.0.10", 80, sport)
+        gone = real_server_of(sport)
+        sh("ipvsadm", "-d", "-t", "10.96.0.10:80", "-r", gone, ns=NODE)
+        if nodest:                                               # expired with the server (a kernel work item)
+            wait_for(lambda: entries_from(sport) == [], f"the entry of port {sport} to expire", timeout=5)
+        name, retrans = from_port(CLIENT, "10.96.0.10", 80, sport, timeout=1.5)
+        if outcome == "dropped":
+            assert name is None and retrans >= 1 and real_server_of(sport) == gone
+        else:
+            assert name not in (None, first) and real_server_of(sport) != gone
         sync(lab, services(), None)
 
 

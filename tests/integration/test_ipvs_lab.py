@@ -102,6 +102,46 @@ def test_scaling_reprograms_real_servers_on_every_node(lab):
         wait_for(lambda: reals(node) == before, f"{before} real servers behind {web}:80 on {node}", timeout=20)
 
 
+def test_probe_trace_and_verify_in_ipvs_mode(lab, tmp_path):
+    """probe, trace and verify on the IPVS lab (legacy iptables, so no rule tracing): the
+    DNAT shows where the pod's packet enters node-1, and the trace names the probe's own
+    IPVS connection entry, whose real server is the pod the probe reached."""
+    plan = json.loads(open(f"/run/netsim/{lab}/plan.json").read())
+    client = next(p for p in plan["pods"] if p["name"] == "client")
+    web = json.loads(open(f"/run/netsim/{lab}/services.json").read())["cluster_ips"]["default/web"]
+    r = json.loads(netsim("probe", "--lab", lab, "client", "web", "-o", "json").stdout)
+    assert r["reached"] and r["backend"].startswith("default/web-") and (r["dnat"], r["snat"]) == (True, False)
+    assert r["seenIP"] == client["ip"]
+
+    pcap = tmp_path / "ipvs.pcapng"
+    t = json.loads(netsim("trace", "--lab", lab, "client", "web", "-o", "json", "-w", str(pcap)).stdout)
+    assert t["reached"] and t["path"]["delivered"] and pcap.stat().st_size > 0
+    (dnat,) = [e for e in t["nat"] if e["leg"] == "forward" and e["packet"] == "S"]
+    assert dnat["kinds"] == ["DNAT"] and dnat["between"][1].startswith("node-1 ")
+    sport = t["steps"][0]["sport"]
+    (entry,) = t["ipvs"]["node-1"]                          # the probe's own entry, nothing else
+    backend = next(p for p in plan["pods"] if t["path"]["deliveredAt"] == f"{p['namespace']}/{p['name']} eth0")
+    assert (entry["client"], entry["virtual"], entry["realServer"]) == (
+        f"{client['ip']}:{sport}", f"{web}:80", f"{backend['ip']}:8080")
+    assert any(f"DNAT {web}:80 → {backend['ip']}:8080" in n for e in t["conntrack"] if e["node"] == "node-1"
+               for n in e["nat"])
+    assert t["rules"] == [] and any("IPVS" in n for n in t["notes"])
+
+    node1 = next(n for n in plan["nodes"] if n["name"] == "node-1")
+    t = json.loads(netsim("trace", "--lab", lab, "ext-client", "node-1:30080", "-o", "json", "-w", "/dev/null").stdout)
+    (fwd,) = [e for e in t["nat"] if e["leg"] == "forward" and e["packet"] == "S"]
+    assert t["reached"] and fwd["kinds"] == ["DNAT", "SNAT"]
+    assert [e["virtual"] for e in t["ipvs"]["node-1"]] == [f"{node1['address']}:30080"]
+
+    # a DNS name: the query to the kube-dns ClusterIP is an IPVS UDP entry too
+    t = json.loads(netsim("trace", "--lab", lab, "client", "dns:web", "-o", "json", "-w", "/dev/null").stdout)
+    assert t["reached"] and t["address"] == f"{web}:80"
+    assert [e["virtual"] for e in t["dns"]["trace"]["ipvs"]["node-1"]] == ["10.96.0.10:53"]
+
+    done = netsim("verify", "--lab", lab, timeout=300)      # the demo's verify: section and the matrix
+    assert ", 0 failed" in done.stdout and "clusterip-does-not-ping" in done.stdout
+
+
 def test_switching_to_iptables_and_back_leaves_nothing_stale(lab):
     out = netsim("proxy", "mode", "iptables", "--lab", lab, "--timeout", "150", timeout=180).stdout
     assert "from ipvs to iptables" in out and "kube-ipvs0" in out

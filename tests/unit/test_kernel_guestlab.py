@@ -44,6 +44,18 @@ def test_commands_about_a_uml_lab_are_forwarded_and_host_only_ones_are_not(state
     assert guestlab.target(parse("clean")) is None
 
 
+def test_verify_names_its_lab_by_option_or_by_topology_file(state):
+    record(state, "demo")
+    record(state, "um-b")
+    demo = str(REPO / "topologies" / "demo.yaml")                 # name: demo
+    assert guestlab.target(parse("verify", demo)).lab == "demo"
+    assert guestlab.target(parse("verify", demo, "--lab", "um-b")).lab == "um-b"
+    assert guestlab.target(parse("verify", "--lab", "um-b")).lab == "um-b"
+    assert guestlab.target(parse("verify", "um-b", "--no-matrix")).lab == "um-b"
+    assert guestlab.target(parse("probe", "--lab", "um-b", "client", "web")).lab == "um-b"
+    assert guestlab.target(parse("trace", "--lab", "demo", "client", "web")).lab == "demo"
+
+
 def test_an_unnamed_lab_is_ambiguous_when_host_labs_are_up_too(state):
     record(state)
     host = state / "state" / "hostlab"

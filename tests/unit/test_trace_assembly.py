@@ -123,6 +123,24 @@ def test_conntrack_lines_say_their_nat():
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
+def test_ipvs_entries_of_the_probe_only():
+    """ipvsadm -Lnc holds every recent connection of the node; the trace keeps those whose
+    client and virtual server are one of the probe's forward 5-tuples."""
+    listing = f"""IPVS connection entries
+pro expire state       source             virtual            destination
+TCP 00:58  SYN_RECV    {CLIENT}:48747   {VIP}:80   {BACKEND}:8080
+TCP 01:45  TIME_WAIT   {CLIENT}:42928   {VIP}:80   10.244.2.4:8080
+UDP 04:59  UDP         {CLIENT}:48747   {VIP}:80   10.244.2.5:80
+TCP 00:45  SYN_RECV    10.244.1.9:48747   {VIP}:80   10.244.3.3:8080
+"""
+    conns = conntrack.parse_ipvs(listing)
+    assert len(conns) == 4 and conns[0].state == "SYN_RECV" and conns[2].proto == "UDP"
+    flows = {("tcp", CLIENT, 48747, VIP, 80), ("tcp", CLIENT, 48747, BACKEND, 8080)}   # before and after DNAT
+    (mine,) = conntrack.of_flows(conns, flows)
+    assert mine.real_server == f"{BACKEND}:8080" and mine.to_dict()["realServer"] == f"{BACKEND}:8080"
+    assert mine.text().startswith(f"TCP {CLIENT}:48747 → virtual server {VIP}:80 → real server {BACKEND}:8080")
+
+
 def test_pcapng_decodes_with_tshark_vxlan_on_8472_included(tmp_path):
     fs = frames()
     steps = walk.assemble(fs, HOPS, 777, "tcp")
