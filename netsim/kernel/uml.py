@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
+from ..apply.labstate import pid_alive
 from ..errors import GuestError, NetsimError
 from ..runtime.wait import wait_for
 from .decide import IN_GUEST_ENV, INSTALL_UML
@@ -201,20 +202,11 @@ def sweep_stale(root: str | None = None) -> list[str]:
             owner = int((d / "owner").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             continue
-        if not _alive(owner):
+        if not pid_alive(owner):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(str(d))
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def prepare(command: Sequence[str], cwd: str | None = None, env: dict[str, str] | None = None,

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address
 
 from ..dns import resolver
 from ..dns.query import build_query, parse_response, query
 from ..plan.state import LabPlan
-from .targets import ProbeError, Source, Target, resolve_target
+from .targets import ProbeError, Source, Target, is_ip, resolve_target
 
 PREFIX = "dns:"
 
@@ -57,7 +56,7 @@ def split(text: str) -> tuple[str, str | None] | None:
     host, sep, port = body.rpartition(":")
     if not sep:
         host, port = body, None
-    if not host or "/" in host or _is_ip(host):
+    if not host or "/" in host or is_ip(host):
         if forced:
             raise ProbeError(f"{text!r}: give a name after 'dns:' (e.g. dns:web or dns:web.default.svc.cluster.local:80)")
         return None
@@ -149,10 +148,3 @@ def _rcodes(tried: list[tuple[str, str]]) -> str:
         by.setdefault(r if r != "NOERROR" else "no address", []).append(n)
     return "; ".join(f"{r} for {', '.join(names)}" for r, names in by.items()) or "nothing"
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        IPv4Address(text)
-        return True
-    except ValueError:
-        return False

@@ -67,7 +67,7 @@ class Target:
 def resolve_source(text: str, plan: LabPlan) -> Source:
     kind, name = _split_kind(text)
     item = plan.find(name) if kind in (None, "pod", "node", "external") else None
-    if item is None and _is_ip(name):
+    if item is None and is_ip(name):
         item = _by_ip(plan, name)
     if item is None:
         raise ProbeError(f"no pod, node or external named {text!r} in lab {plan.lab} (known: {_known(plan)})")
@@ -95,7 +95,7 @@ def resolve_target(text: str, plan: LabPlan, res, proto: str | None = None,
         port = tail
     kind, name = _split_kind(host)
 
-    if _is_ip(name):
+    if is_ip(name):
         return _by_address(name, port, proto, plan, ports, text)
     pod = next((p for p in plan.pods if name in (p.name, p.key)), None) if kind in (None, "pod") else None
     svc = _service_ports(name, ports) if kind in (None, "service") else ()
@@ -255,7 +255,7 @@ def _split_kind(text: str) -> tuple[str | None, str]:
     return None, text
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
     try:
         IPv4Address(text)
         return True
