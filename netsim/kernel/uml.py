@@ -4,7 +4,7 @@ The guest kernel (Debian's ``linux.uml``) is an ordinary process. It mounts the 
 through hostfs, so the repository, its ``.venv`` and the topology files are at the same
 paths inside; its writes land on the host's files. Inside, PID 1 is a small shell script
 (:func:`init_script`) that gives the guest private tmpfs mounts on ``/run`` (so
-``/run/netns`` and ``/run/netsim``), ``/dev/shm`` and a private ``$TMPDIR``, makes the UML
+``/run/netns`` and ``/run/netsim``), ``/dev/shm``, ``/etc/netns`` and a private ``$TMPDIR``, makes the UML
 modules loadable (they live in /usr/lib/uml/modules; a ``modprobe`` wrapper points there,
 also for the kernel's own autoloading), loads the networking modules, runs the command
 with its output on the guest console, and powers off.
@@ -125,6 +125,8 @@ mount -t sysfs sysfs /sys || fail "mount /sys"
 dmesg -n 1
 mount -t tmpfs -o mode=755 tmpfs /run || fail "private tmpfs on /run"
 mkdir -p /dev/shm && mount -t tmpfs -o mode=1777 tmpfs /dev/shm || fail "private tmpfs on /dev/shm"
+# pods' resolv.conf files (ip netns exec reads /etc/netns/<netns>/): the guest's own, never the host's
+mkdir -p /etc/netns && mount -t tmpfs -o mode=755 tmpfs /etc/netns || fail "private tmpfs on /etc/netns"
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 mkdir -p /run/netns /run/lock /run/netsim-uml/bin /run/netsim-uml/tmp /run/netsim-uml/modroot
 K=$(uname -r)

@@ -20,7 +20,7 @@ def script(command=("python", "-m", "pytest", "-k", "a b"), cwd="/repo dir"):
 def test_init_script_is_valid_shell_with_private_mounts_and_power_off():
     text = script()
     assert subprocess.run(["sh", "-n"], input=text, text=True).returncode == 0
-    for must in ("mount -t tmpfs -o mode=755 tmpfs /run", "tmpfs /dev/shm", "/run/netns",
+    for must in ("mount -t tmpfs -o mode=755 tmpfs /run", "tmpfs /dev/shm", "tmpfs /etc/netns", "/run/netns",
                  "/proc/sys/kernel/modprobe", "modprobe -a ip_vs dummy", "poweroff -f", "sysrq-trigger"):
         assert must in text
     assert "/lib/modules" not in text.replace("/run/netsim-uml/modroot/lib/modules", "")   # nothing on the host's /lib
