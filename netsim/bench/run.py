@@ -317,7 +317,9 @@ class Runner:
                 "--budget", str(p.programming_budget_s), "--warmup", "1" if n <= 1000 else "0"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=p.programming_budget_s * 4 + 600)
         if done.returncode != 0:
-            raise BenchError(f"programming benchmark ({variant}, N={n}): {done.stderr.strip()[-500:]}")
+            how = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+            raise BenchError(f"programming benchmark ({variant}, N={n}) failed ({how}): "
+                             f"{done.stderr.strip()[-500:] or 'no output'}")
         prog = Measurement(variant, "programming", "backend", services=n,
                            repetitions=json.loads(done.stdout)["repetitions"])
         prog.summarize(["full_sync_s", "one_changed_s"])
