@@ -3,23 +3,11 @@ from __future__ import annotations
 
 import shutil
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
-from netsim.plan.lab import plan_lab
 from netsim.probes import graph
-from netsim.proxy.services import resolve
-from netsim.topology import load
 
-DEMO = Path(__file__).resolve().parents[2] / "topologies" / "demo.yaml"
-
-
-@pytest.fixture(scope="module")
-def demo():
-    topo = load(DEMO)
-    plan = plan_lab(topo)
-    return plan, resolve(topo, plan)
 
 
 def test_text_shows_every_node_pod_tunnel_and_service(demo):

@@ -1,23 +1,11 @@
 """FROM/TARGET parsing against the demo's plan and Service resolution (no root)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
-from netsim.plan.lab import plan_lab
 from netsim.probes.targets import ProbeError, resolve_source, resolve_target
-from netsim.proxy.services import resolve
-from netsim.topology import load
 
-DEMO = Path(__file__).resolve().parents[2] / "topologies" / "demo.yaml"
-
-
-@pytest.fixture(scope="module")
-def demo():
-    topo = load(DEMO)
-    plan = plan_lab(topo)
-    return plan, resolve(topo, plan)
 
 
 def web_pods(plan):

@@ -5,21 +5,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from netsim.dns.query import build_query, describe
-from netsim.plan.lab import plan_lab
 from netsim.probes import dnsname, scapyprobe, trace, walk
 from netsim.probes.capture import Frame, Hop
 from netsim.probes.targets import ProbeError, Source, resolve_target
-from netsim.proxy.services import resolve
-from netsim.topology import load
 
-DEMO = Path(__file__).resolve().parents[2] / "topologies" / "demo.yaml"
 CLIENT, KUBE_DNS, COREDNS, VIP, WEB = "10.244.1.2", "10.96.0.10", "10.244.2.5", "10.96.7.7", "10.244.2.3"
 HOPS = [Hop("p", "default/client", "eth0", "pod eth0"),
         Hop("n1", "node-1", "veth1", "host veth of client"),
@@ -57,13 +52,6 @@ def tcp_frames() -> list[Frame]:
                for s, p in ((WEB, 8080), (VIP, 80)))
     seq = [(0, True, syn), (2, True, synd), (4, False, synd), (4, True, sa), (2, False, sar), (0, False, sar)]
     return [Frame(h, 9_000_000 + 1_000_000 * i, out, bytes(p)) for i, (h, out, p) in enumerate(seq)]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    topo = load(DEMO)
-    plan = plan_lab(topo)
-    return plan, resolve(topo, plan)
 
 
 def test_which_targets_are_dns_names():

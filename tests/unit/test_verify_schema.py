@@ -8,12 +8,10 @@ import pytest
 import yaml
 
 from netsim.errors import TopologyError
-from netsim.plan.lab import plan_lab
 from netsim.probes.probe import ProbeResult
 from netsim.probes.targets import resolve_source
 from netsim.probes.verify import Expectation, default_matrix, from_tests, judge
-from netsim.proxy.services import resolve
-from netsim.topology import load, load_text
+from netsim.topology import load_text
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "topologies" / "demo.yaml"
@@ -69,13 +67,6 @@ def test_required_fields_and_target_forms():
     topo = load_text(demo_with({"t": {"from": "ext-client", "to": "192.168.100.2:30080"},
                                 "u": {"from": "node-1", "to": "svc/default/web"}}), base_dir=DEMO.parent)
     assert [t.target for t in topo.verify] == ["192.168.100.2:30080", "svc/default/web"]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    topo = load(DEMO)
-    plan = plan_lab(topo)
-    return plan, resolve(topo, plan)
 
 
 def result(**kw) -> ProbeResult:
