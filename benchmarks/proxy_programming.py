@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -26,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from netsim.bench.system import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 NETSIM = [sys.executable, "-m", "netsim"]
@@ -129,9 +129,7 @@ def main() -> None:
             print(f"{n:5d} Services ({args.mode}, minSyncPeriod {ms:g} s): one Service added → every node programmed in "
                   f"{row['add_ms_median']:.0f} ms, deleted in {row['delete_ms_median']:.0f} ms (median of "
                   f"{args.repeat}); lab up in {row['up_s']:.1f} s", flush=True)
-    result = {"benchmark": "proxy_programming", "kernel": platform.release(), "cores": os.cpu_count(),
-              "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result("proxy_programming", rows, args.out)
     print(f"results in {args.out}")
 
 

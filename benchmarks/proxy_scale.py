@@ -12,9 +12,7 @@ longer than the restore that loads it. Runs as root; namespaces are deleted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from netsim.bench.system import write_result  # noqa: E402
 from netsim.proxy.iptables import port_key, render  # noqa: E402
 from netsim.proxy.model import NodeContext  # noqa: E402
 from netsim.proxy.synthetic import synthetic_ports  # noqa: E402
@@ -83,9 +82,7 @@ def main() -> None:
                   f"render {row['render_s'] * 1000:7.1f} ms, restore {row['restore_s'] * 1000:7.1f} ms; "
                   f"one changed: render {row['partial_render_s'] * 1000:6.1f} ms, "
                   f"restore {row['partial_restore_s'] * 1000:6.1f} ms", flush=True)
-    result = {"benchmark": "proxy_scale", "kernel": platform.release(), "cores": os.cpu_count(),
-              "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result("proxy_scale", rows, args.out)
     print(f"results in {args.out}")
 
 

@@ -1,6 +1,7 @@
 """What the results depend on, recorded with them: kernel, native or UML, cores, tools, sysctls."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -69,3 +70,11 @@ def environment() -> dict:
         "ipvsadm": _first_line("ipvsadm", "--version"),
         "loadavg_start": loadavg(),
     }
+
+
+def write_result(benchmark: str, rows: list, out: str | Path, **extra) -> None:
+    """A benchmark script's JSON: its rows plus the kernel, cores, Python and date."""
+    result = {"benchmark": benchmark, "kernel": platform.release(), "cores": os.cpu_count(),
+              "python": platform.python_version(), **extra, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "results": rows}
+    Path(out).write_text(json.dumps(result, indent=1))
