@@ -26,3 +26,14 @@ def synthetic_ports(n: int, per: int = 2, local_node: str = "test-node", namespa
                       for j in range(per)), key=lambda e: e.address)
         out.append(ServicePort(namespace, f"svc{i}", "p80", "TCP", port, cluster_ip(i), endpoints=tuple(eps)))
     return out
+
+
+def endpoint(ip: str, port: int = 80, node: str | None = None, **kw) -> Endpoint:
+    """One endpoint, for hand-written test and benchmark cases."""
+    return Endpoint(ip, port, node, **kw)
+
+
+def service_port(ns: str, name: str, cip: str, *eps: Endpoint, port_name: str = "p80", proto: str = "TCP",
+                 port: int = 80, cls=ServicePort, **kw) -> ServicePort:
+    """One Service port with ``eps`` sorted as the resolver sorts them (by ``IP:port``)."""
+    return cls(ns, name, port_name, proto, port, cip, endpoints=tuple(sorted(eps, key=lambda e: e.address)), **kw)

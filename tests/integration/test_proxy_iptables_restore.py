@@ -19,8 +19,9 @@ import pytest
 
 from netsim.proxy.iptables import (endpoint_chain_suffix, jump_rules, port_key, render,
                                    service_chain_suffix)
-from netsim.proxy.model import Endpoint, NodeContext, ServicePort
+from netsim.proxy.model import NodeContext, ServicePort
 from netsim.proxy.synthetic import synthetic_ports
+from netsim.proxy.synthetic import endpoint as ep, service_port as sp
 
 pytestmark = pytest.mark.root
 
@@ -29,14 +30,6 @@ BACKENDS = {"nft": ("iptables-nft", "iptables-nft-restore", "iptables-nft-save")
             "legacy": ("iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save")}
 
 
-def ep(ip: str, port: int = 80, node: str | None = None, **kw) -> Endpoint:
-    return Endpoint(ip, port, node, **kw)
-
-
-def sp(ns: str, name: str, cip: str, *eps: Endpoint, port_name: str = "p80", proto: str = "TCP",
-       port: int = 80, **kw) -> ServicePort:
-    return ServicePort(ns, name, port_name, proto, port, cip,
-                       endpoints=tuple(sorted(eps, key=lambda e: e.address)), **kw)
 
 
 def sample_ports() -> list[ServicePort]:

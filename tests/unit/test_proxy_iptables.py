@@ -26,6 +26,7 @@ import pytest
 from netsim.proxy.iptables import (TOP_LEVEL_CHAINS, Ruleset, endpoint_chain_suffix, is_service_chain,
                                    jump_rules, port_key, probability, render, service_chain_suffix)
 from netsim.proxy.model import Endpoint, NodeContext, ServicePort
+from netsim.proxy.synthetic import endpoint as ep, service_port as sp
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "iptables"
 UPDATE = os.environ.get("NETSIM_UPDATE_GOLDEN") == "1"
@@ -40,14 +41,6 @@ class HCServicePort(ServicePort):
     health_check_node_port: int | None = None
 
 
-def ep(ip: str, port: int = 80, node: str | None = None, **kw) -> Endpoint:
-    return Endpoint(ip, port, node, **kw)
-
-
-def sp(ns: str, name: str, cip: str, *eps: Endpoint, port_name: str = "p80", proto: str = "TCP",
-       port: int = 80, cls=ServicePort, **kw) -> ServicePort:
-    return cls(ns, name, port_name, proto, port, cip,
-               endpoints=tuple(sorted(eps, key=lambda e: e.address)), **kw)
 
 
 # -- restore-text helpers: parse, normalise, simulate, check ---------------------------------

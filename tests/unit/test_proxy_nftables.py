@@ -22,8 +22,9 @@ import pytest
 
 from netsim.cli import main
 from netsim.proxy.backend import port_key
-from netsim.proxy.model import Endpoint, NodeContext, ServicePort
+from netsim.proxy.model import NodeContext, ServicePort
 from netsim.proxy.nftables import (endpoint_base, port_base, render, render_text, transaction)
+from netsim.proxy.synthetic import endpoint as ep, service_port as sp
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "golden" / "nftables"
@@ -32,14 +33,6 @@ NODE = NodeContext("test-node", ("192.168.0.2",), "10.0.0.0/8", service_cidrs=("
 T = "ip kube-proxy"
 
 
-def ep(ip: str, port: int = 80, node: str | None = None, **kw) -> Endpoint:
-    return Endpoint(ip, port, node, **kw)
-
-
-def sp(ns: str, name: str, cip: str, *eps: Endpoint, port_name: str = "p80", proto: str = "TCP",
-       port: int = 80, **kw) -> ServicePort:
-    return ServicePort(ns, name, port_name, proto, port, cip,
-                       endpoints=tuple(sorted(eps, key=lambda e: e.address)), **kw)
 
 
 def overall_ports() -> list[ServicePort]:

@@ -15,8 +15,9 @@ import re
 
 import pytest
 
-from netsim.proxy.model import Endpoint, NodeContext, ServicePort
+from netsim.proxy.model import Endpoint, NodeContext
 from netsim.proxy.nftables import render
+from netsim.proxy.synthetic import service_port as sp
 
 NODE = NodeContext("test-node", ("192.168.0.2",), "10.0.0.0/8", service_cidrs=("172.30.0.0/16",))
 LOCAL_IPS = {"192.168.0.2", "192.168.1.2"}         # testNodeIP and testNodeIPAlt
@@ -115,9 +116,6 @@ def trace(ports, src: str, dst: str, dport: int, proto: str = "tcp") -> tuple[st
             return "DROP", False
     return "", False
 
-
-def sp(ns, name, cip, *eps, port_name="p80", proto="TCP", port=80, **kw) -> ServicePort:
-    return ServicePort(ns, name, port_name, proto, port, cip, endpoints=tuple(sorted(eps, key=lambda e: e.address)), **kw)
 
 
 def check(ports, flows):
