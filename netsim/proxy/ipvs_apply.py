@@ -30,10 +30,12 @@ addresses on kube-ipvs0, which is what MetalLB asks of IPVS mode), ``graceful_pe
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -46,6 +48,10 @@ from .backend import SyncFailed, SyncResult
 from .ipvs import (DUMMY_DEVICE, FLAG_HASHED, FWD_MASQ, IPSET_NAMES, VirtualServer, jump_rules, render,
                    NAT_CHAINS, FILTER_CHAINS)
 from .model import NodeContext, ServicePort
+from .netlink_batch import (IPVS_CMD_DEL_DEST, IPVS_CMD_DEL_SERVICE, IPVS_CMD_FLUSH, IPVS_CMD_NEW_DEST,
+                            IPVS_CMD_NEW_SERVICE, IPVS_CMD_SET_DEST, IPVS_CMD_SET_SERVICE, NETLINK_GENERIC,
+                            NLM_F_CREATE, NLM_F_EXCL, Batch, ipv4_addresses, ipvs_dest, ipvs_service, ipvs_services,
+                            proc_real_servers, rtnl_addresses)
 
 BINARIES = {"nft": ("iptables-nft", "iptables-nft-restore", "iptables-nft-save"),
             "legacy": ("iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save")}
@@ -55,6 +61,9 @@ PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 IPVS_ONLY_CHAINS = {"nat": ("KUBE-NODE-PORT", "KUBE-LOAD-BALANCER"),
                     "filter": ("KUBE-NODE-PORT", "KUBE-SOURCE-RANGES-FIREWALL", "KUBE-IPVS-FILTER",
                                "KUBE-IPVS-OUT-FILTER")}
+# This thread's netns: /proc/net is the *process's* (main thread's) view, and the graceful
+# termination thread may read it while the main thread is elsewhere (tests use setns per thread).
+PROC_IP_VS = "/proc/thread-self/net/ip_vs"
 NO_IPVS = ("this kernel has no IPVS (ip_vs module); run the lab in user-mode Linux "
            "(netsim run TOPOLOGY, or netsim kernel run -- CMD) or on a kernel with ip_vs")
 
@@ -62,6 +71,17 @@ NO_IPVS = ("this kernel has no IPVS (ip_vs module); run the lab in user-mode Lin
 def kernel_version() -> tuple[int, int]:
     m = re.match(r"(\d+)\.(\d+)", os.uname().release)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+_PROTO_WORD = re.compile(r",(tcp|udp|sctp):")
+
+
+def _numeric(entry: str) -> str:
+    """An ipset entry with its protocol as a number ("10.96.0.1,6:80" for "…,tcp:80"): the
+    same element, but ipset then skips a getservbyname() scan of /etc/services per entry,
+    which inside user-mode Linux made 10,000 entries take 5.5 s instead of 1 s. ``ipset
+    save`` prints the name again, so the diff compares kube-proxy's own spelling."""
+    return _PROTO_WORD.sub(lambda m: f",{PROTOCOLS[m.group(1).upper()]}:", entry)
 
 
 def _truthy(value: str | bool | None, default: bool) -> bool:
@@ -84,6 +104,7 @@ class Backend:
         self.grace = float(grace) if grace else None
         self.kernel = kernel_version()
         self._ipvs = None
+        self._family: int | None = None
         self._lock = threading.Lock()
         self._sets_written: dict[str, set[str]] | None = None    # ipset members last written
         self._iptables_written: str | None = None                # iptables-restore text last loaded
@@ -105,9 +126,17 @@ class Backend:
                 raise SyncFailed(f"{NO_IPVS} ({type(exc).__name__}: {exc})") from None
         return self._ipvs
 
+    @property
+    def family(self) -> int:
+        """The IPVS generic netlink family id (pyroute2 resolved it when it bound)."""
+        if self._family is None:
+            ipvs = self.ipvs
+            self._family = getattr(ipvs, "prid", None) or ipvs.asyncore.prid
+        return self._family
+
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
-        self.ipvs                                    # fail early, with the reason, without IPVS
+        self.family                                  # fail early, with the reason, without IPVS
         for path, value in self.sysctls():
             try:
                 Path("/proc/sys", path).write_text(value)
@@ -141,9 +170,8 @@ class Backend:
         from pyroute2 import IPRoute
         with IPRoute() as ipr:
             dummy = set(ipr.link_lookup(ifname=DUMMY_DEVICE))
-            found = sorted({a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
-                            if a["index"] not in dummy and not ipaddress.ip_address(a.get_attr("IFA_ADDRESS")).is_loopback},
-                           key=ipaddress.ip_address)
+        found = sorted({ip for index, ip in ipv4_addresses()
+                        if index not in dummy and not ipaddress.ip_address(ip).is_loopback}, key=ipaddress.ip_address)
         primary = [ip for ip in self.node.node_ips if ip in found]
         return tuple(primary + [ip for ip in found if ip not in primary])
 
@@ -189,25 +217,19 @@ class Backend:
 
     @staticmethod
     def _addresses(index: int) -> set[str]:
-        from pyroute2 import IPRoute
-        with IPRoute() as ipr:
-            return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)}
+        return {ip for i, ip in ipv4_addresses() if i == index}
 
     def _bind(self, index: int, wanted: Sequence[str], add: bool) -> int:
         """Add the missing addresses (``add``) or remove the superfluous ones from kube-ipvs0,
-        against ``self._bound`` (what is there), which it keeps up to date."""
-        from pyroute2 import IPRoute
+        against ``self._bound`` (what is there), which it keeps up to date; one netlink batch."""
         have = self._bound if self._bound is not None else self._addresses(index)
         todo = sorted(set(wanted) - have) if add else sorted(have - set(wanted))
         if todo:
-            try:
-                with IPRoute() as ipr:
-                    for ip in todo:
-                        ipr.addr("add" if add else "del", index=index, address=ip, prefixlen=32)
-                        (have.add if add else have.discard)(ip)
-            except Exception:
-                self._bound = None                 # unsure what is there: the next sync looks
-                raise
+            self._bound = None                     # unsure what is there until the batch is done
+            failures = rtnl_addresses(index, todo if add else [], [] if add else todo, DUMMY_DEVICE)
+            if failures:
+                raise SyncFailed(f"{len(failures)} address change(s) failed, first: {failures[0]}")
+            (have.update if add else have.difference_update)(todo)
         self._bound = have
         return len(todo)
 
@@ -222,8 +244,8 @@ class Backend:
         for s in st.ipsets:
             have = current.get(s.name, set())
             want = set(s.entries)
-            lines += [f"del {s.name} {e}" for e in sorted(have - want)]
-            lines += [f"add {s.name} {e}" for e in sorted(want - have)]
+            lines += [f"del {s.name} {_numeric(e)}" for e in sorted(have - want)]
+            lines += [f"add {s.name} {_numeric(e)}" for e in sorted(want - have)]
             n += len(have ^ want)
         if n or full or self._sets_written is None:
             done = subprocess.run(["ipset", "restore"], input="\n".join(lines) + "\n", text=True,
@@ -270,27 +292,19 @@ class Backend:
         return sum(len(r) for r in missing.values())
 
     # -- virtual and real servers ----------------------------------------------------------
-    def current_servers(self, ipvs=None) -> dict[tuple, dict]:
-        """The kernel's virtual servers: key → {"svc": IPVSService, "sched", "flags", "timeout",
-        "dests": {"ip:port": (weight, active, inactive)}}."""
-        from pyroute2 import IPVSDest, IPVSService
-        ipvs = ipvs or self.ipvs
+    def current_servers(self) -> dict[tuple, dict]:
+        """The kernel's virtual servers: key → {"sched", "flags", "timeout", "dests":
+        {"ip:port": (weight, active, inactive)}}. The servers come from one lean netlink dump,
+        their real servers from one read of /proc/net/ip_vs: with 10,000 Services, decoding
+        through pyroute2 and a dest dump per server would take minutes and, inside a 1 GiB
+        user-mode Linux guest, more memory than there is."""
+        self.ipvs                                 # the family id; a clear error without IPVS
+        dests = proc_real_servers(Path(PROC_IP_VS).read_text())
         out = {}
-        for msg in ipvs.service("dump"):
-            svc = IPVSService.from_message(msg)
-            if svc.get("IPVS_SVC_ATTR_AF") != socket.AF_INET or "addr" not in svc:
-                continue                          # fwmark or IPv6 services: not ours
-            proto = PROTOCOL_NAMES.get(svc.get("IPVS_SVC_ATTR_PROTOCOL"), "?")
-            key = (proto, svc["addr"], svc.get("IPVS_SVC_ATTR_PORT"))
-            dests = {}
-            for d in ipvs.dest("dump", service=svc):
-                dest = IPVSDest.from_message(d)
-                dests[f"{dest['addr']}:{dest.get('IPVS_DEST_ATTR_PORT')}"] = (
-                    dest.get("IPVS_DEST_ATTR_WEIGHT", 0), dest.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0),
-                    dest.get("IPVS_DEST_ATTR_INACT_CONNS", 0))
-            out[key] = {"svc": svc, "sched": svc.get("IPVS_SVC_ATTR_SCHED_NAME"),
-                        "flags": svc.get("IPVS_SVC_ATTR_FLAGS", {}).get("flags", 0) & ~FLAG_HASHED,
-                        "timeout": svc.get("IPVS_SVC_ATTR_TIMEOUT", 0), "dests": dests}
+        for svc in ipvs_services(self.family):
+            key = (PROTOCOL_NAMES.get(svc["protocol"], "?"), svc["addr"], svc["port"])
+            out[key] = {"sched": svc["sched"], "flags": svc["flags"] & ~FLAG_HASHED,
+                        "timeout": svc["timeout"], "dests": dests.get(key, {})}
         return out
 
     @staticmethod
@@ -320,11 +334,11 @@ class Backend:
         return out
 
     def _sync_servers(self, wanted: Sequence[VirtualServer], full: bool = True) -> int:
-        """Diff the wanted virtual servers against the kernel and write the difference. A full
-        sync dumps every virtual server; a partial one diffs against what this backend last
-        left in the kernel and dumps only the virtual servers that lose a real server (their
-        connection counts decide between deleting it and draining it at weight 0), so one
-        changed Service costs the same with 1 or 10,000 in place."""
+        """Diff the wanted virtual servers against the kernel and write the difference in one
+        netlink batch. A full sync dumps every virtual server; a partial one diffs against
+        what this backend last left in the kernel and dumps only the virtual servers that
+        lose a real server (their connection counts decide between deleting it and draining
+        it at weight 0), so one changed Service costs the same with 1 or 10,000 in place."""
         if full or self._servers_written is None:
             current = self.current_servers()
         else:
@@ -333,55 +347,62 @@ class Backend:
                 cur = current.get(vs.key)
                 if cur is not None and set(cur["dests"]) - {r.address for r in vs.reals}:
                     cur["dests"] = self._service_dests(vs.key)
-        n = 0
+        batch = Batch(NETLINK_GENERIC, self.family)
         now = time.monotonic()
+        draining = dict(self.draining)
         for vs in wanted:
             cur = current.get(vs.key)
-            svc = self._service(vs.key, vs)
+            proto, ip, port = vs.key
+            p = PROTOCOLS[proto]
             if cur is None:
-                self.ipvs.service("add", service=svc)
+                batch.add(ipvs_service(IPVS_CMD_NEW_SERVICE, p, ip, port, vs.scheduler, vs.flags, vs.timeout),
+                          f"add virtual server {proto}/{ip}:{port}", NLM_F_CREATE | NLM_F_EXCL)
                 cur = {"dests": {}}
-                n += 1
             elif (cur["sched"], cur["flags"], cur["timeout"] if cur["flags"] & 1 else 0) != \
-                    (vs.scheduler, vs.flags, vs.timeout):
-                self.ipvs.service("set", service=svc)       # in place: the VIP never goes away
-                n += 1
-            want = {r.address: r.weight for r in vs.reals}
-            for addr, weight in want.items():
-                have = cur["dests"].get(addr)
+                    (vs.scheduler, vs.flags, vs.timeout):   # in place: the VIP never goes away
+                batch.add(ipvs_service(IPVS_CMD_SET_SERVICE, p, ip, port, vs.scheduler, vs.flags, vs.timeout),
+                          f"change virtual server {proto}/{ip}:{port}")
+            for r in vs.reals:
+                have = cur["dests"].get(r.address)
+                rip, rport = r.address.rsplit(":", 1)
                 if have is None:
-                    self.ipvs.dest("add", service=svc, dest=self._dest(addr, weight))
-                    n += 1
-                elif have[0] != weight:                     # back from draining
-                    self.ipvs.dest("set", service=svc, dest=self._dest(addr, weight))
-                    n += 1
-                self.draining.pop((vs.key, addr), None)
+                    batch.add(ipvs_dest(IPVS_CMD_NEW_DEST, p, ip, port, rip, int(rport), r.weight, FWD_MASQ),
+                              f"add real server {r.address} to {proto}/{ip}:{port}", NLM_F_CREATE | NLM_F_EXCL)
+                elif have[0] != r.weight:                   # back from draining
+                    batch.add(ipvs_dest(IPVS_CMD_SET_DEST, p, ip, port, rip, int(rport), r.weight, FWD_MASQ),
+                              f"set real server {r.address} of {proto}/{ip}:{port} to weight {r.weight}")
+                draining.pop((vs.key, r.address), None)
+            want = {r.address for r in vs.reals}
             for addr, (weight, active, inactive) in cur["dests"].items():
-                if addr in want or (vs.key, addr) in self.draining:
+                if addr in want or (vs.key, addr) in draining:
                     continue
-                n += self._graceful_delete(vs.key, svc, addr, active + inactive, now)
+                # GracefulDeleteRS: delete now if nothing uses it (UDP/SCTP: always), else weight 0
+                rip, rport = addr.rsplit(":", 1)
+                if active + inactive == 0 or proto != "TCP":
+                    batch.add(ipvs_dest(IPVS_CMD_DEL_DEST, p, ip, port, rip, int(rport)),
+                              f"delete real server {addr} of {proto}/{ip}:{port}", ignore=(errno.ENOENT,))
+                else:
+                    batch.add(ipvs_dest(IPVS_CMD_SET_DEST, p, ip, port, rip, int(rport), 0, FWD_MASQ),
+                              f"drain real server {addr} of {proto}/{ip}:{port}")
+                    draining[(vs.key, addr)] = now
         keys = {vs.key for vs in wanted}
         for key in current:
             if key not in keys:
-                self.ipvs.service("del", service=self._service(key))
-                for k in [k for k in self.draining if k[0] == key]:
-                    del self.draining[k]
-                n += 1
+                proto, ip, port = key
+                batch.add(ipvs_service(IPVS_CMD_DEL_SERVICE, PROTOCOLS[proto], ip, port),
+                          f"delete virtual server {proto}/{ip}:{port}", ignore=(errno.ESRCH, errno.ENOENT))
+                for k in [k for k in draining if k[0] == key]:
+                    del draining[k]
+        failures = batch.send()
+        if failures:
+            raise SyncFailed(f"IPVS: {len(failures)} of {len(batch)} request(s) failed, first: {failures[0]}")
+        self.draining = draining
         self._servers_written = {
             vs.key: {"sched": vs.scheduler, "flags": vs.flags, "timeout": vs.timeout,
                      "dests": {**{addr: (0, 0, 0) for (key, addr) in self.draining if key == vs.key},
                                **{r.address: (r.weight, 0, 0) for r in vs.reals}}}
             for vs in wanted}
-        return n
-
-    def _graceful_delete(self, key: tuple, svc, addr: str, conns: int, now: float) -> int:
-        """``GracefulDeleteRS``: delete now if nothing uses it (UDP/SCTP: always), else weight 0."""
-        if conns == 0 or key[0] != "TCP":
-            self.ipvs.dest("del", service=svc, dest=self._dest(addr))
-            return 1
-        self.ipvs.dest("set", service=svc, dest=self._dest(addr, 0))
-        self.draining[(key, addr)] = now
-        return 1
+        return len(batch)
 
     def check_draining(self, ipvs=None) -> int:
         """Delete the weight-0 real servers that have no connections left (or whose grace ran
@@ -390,7 +411,7 @@ class Backend:
             return 0
         ipvs = ipvs or self.ipvs
         with self._lock:
-            current = self.current_servers(ipvs)
+            current = self.current_servers()
             n = 0
             now = time.monotonic()
             for (key, addr), since in list(self.draining.items()):
@@ -447,21 +468,24 @@ class Backend:
             if done.returncode != 0:
                 raise SyncFailed(f"{self.restore} (cleanup of {table}): {done.stderr.strip()}")
             removed.append(f"{len(mine)} {table} chains")
-        sets = [name for name in self._saved_ipsets()]
-        for name in sets:
-            subprocess.run(["ipset", "destroy", name], capture_output=True)
-        if sets:
+        listed = subprocess.run(["ipset", "list", "-n"], text=True, capture_output=True).stdout.split()
+        sets = [name for name in listed if name in IPSET_NAMES]
+        if sets:                                     # one process: each start is slow inside UML
+            subprocess.run(["ipset", "restore"], input="".join(f"destroy {n}\n" for n in sets), text=True,
+                           capture_output=True)
             removed.append(f"{len(sets)} ipsets")
-        servers = 0
         try:
             ipvs = self.ipvs
         except SyncFailed:
             ipvs = None                              # no IPVS in this kernel: no servers either
         if ipvs is not None:
-            with self._lock:
-                for key in self.current_servers():
-                    ipvs.service("del", service=self._service(key))
-                    servers += 1
+            with self._lock:                         # upstream's cleanup: ipvs.Flush()
+                servers = self._count_servers()
+                batch = Batch(NETLINK_GENERIC, self.family)
+                batch.add(struct.pack("=BBH", IPVS_CMD_FLUSH, 1, 0), "flush IPVS")
+                failures = batch.send()
+                if failures:
+                    raise SyncFailed(f"IPVS: {failures[0]}")
             if servers:
                 removed.append(f"{servers} virtual servers")
         from pyroute2 import IPRoute
@@ -473,6 +497,15 @@ class Backend:
         self.draining.clear()
         self._sets_written = self._iptables_written = self._servers_written = self._bound = self._local = None
         return ", ".join(removed) if removed else "nothing"
+
+    @staticmethod
+    def _count_servers() -> int:
+        """Virtual servers in this netns, from /proc/net/ip_vs (no per-server decoding)."""
+        try:
+            lines = Path(PROC_IP_VS).read_text().splitlines()
+        except OSError:
+            return 0
+        return sum(1 for line in lines if line.split(" ", 1)[0] in PROTOCOLS or line.startswith("FWM"))
 
     def _chains(self) -> dict[str, set[str]]:
         out = {}

@@ -341,3 +341,11 @@ def test_iptables_text_declares_every_chain_it_writes():
             assert line.split()[1] in declared[table], line
             target = line.split(" -j ")[1].split()[0]
             assert target.isupper() and (target in declared[table] or not target.startswith("KUBE-")), line
+
+
+def test_ipset_entries_are_written_with_numeric_protocols():
+    from netsim.proxy.ipvs_apply import _numeric
+    assert _numeric("10.96.0.1,tcp:443") == "10.96.0.1,6:443"
+    assert _numeric("10.244.1.5,udp:53,10.244.1.5") == "10.244.1.5,17:53,10.244.1.5"
+    assert _numeric("10.96.0.2,sctp:80,10.0.0.0/8") == "10.96.0.2,132:80,10.0.0.0/8"
+    assert _numeric("30080") == "30080"                     # bitmap:port sets carry no protocol
