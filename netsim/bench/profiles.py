@@ -47,6 +47,6 @@ PROFILES = {
     "full": Profile("full", services=(1, 100, 1000, 10000), large=30000, large_budget_s=90, repeat=5, iperf_repeat=3,
                     connections=2000, connect_seconds=2.0, connect_warmup=200,
                     iperf_seconds=1, iperf_omit=1, parallel_streams=4,
-                    programming_repeat=5, programming_budget_s=60, network_repeat=5, deadline_s=2250,
-                    uml_services=(1, 100, 1000), uml_reserve_s=720),
+                    programming_repeat=5, programming_budget_s=60, network_repeat=5, deadline_s=2450,
+                    uml_services=(1, 100, 1000, 10000), uml_reserve_s=1150),
 }
