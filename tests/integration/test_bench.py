@@ -68,3 +68,45 @@ def test_tiny_run_has_every_measurement_and_leaves_nothing(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["measurements"]
     assert (tmp_path / "connect_latency.png").exists() and (tmp_path / "summary.md").exists()
     assert len(files) == 9
+
+
+@pytest.mark.root
+def test_ctrl_c_in_the_middle_leaves_nothing():
+    """SIGINT while a lab is up and a load generator may be running: the run says it was
+    interrupted, and no namespace, lab or process of it remains."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    prefix = "bzi-"
+    proc = subprocess.Popen([sys.executable, "-m", "netsim", "bench", "--variants", "iptables-legacy",
+                             "--services", "1", "--prefix", prefix, "--no-plots", "--out", "/tmp/netsim-bzi"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:                       # wait until the lab is up and measured
+            seen.append(line)
+            if "N=0: pod IP connect" in line or time.monotonic() > deadline:
+                break
+        assert any("N=0: pod IP connect" in line for line in seen), "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and "interrupted" in rest
+    netns = [p.name for p in Path("/run/netns").glob(f"{prefix}*")] if Path("/run/netns").exists() else []
+    labs = [p.name for p in Path("/run/netsim").glob(f"{prefix}*")] if Path("/run/netsim").exists() else []
+    assert netns == [] and labs == []
+    mine = []
+    for status in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = status.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"/run/netsim/{prefix}" in cmd or f"--prefix {prefix}" in cmd:
+            mine.append(cmd)
+    assert mine == [] and not os.path.exists("/tmp/netsim-bzi/results.json")

@@ -180,8 +180,8 @@ def test_profiles_are_bounded():
 
 # -- result files --------------------------------------------------------------------------------
 
-def fake_result() -> dict:
-    """A run's result with made-up repetitions (two variants, N = 1 and 100)."""
+def fake_result(counts: tuple[int, ...] = (1, 100)) -> dict:
+    """A run's result with made-up repetitions (two variants, N = ``counts``)."""
     ms: list[Measurement] = []
 
     def conn(variant, path, n, pos, base):
@@ -205,7 +205,7 @@ def fake_result() -> dict:
         for s in (1, 4):
             thr(v, "pod-same-node", 0, None, s, 30)
             thr(v, "pod-cross-node", 0, None, s, 20)
-        for n in (1, 100):
+        for n in counts:
             for pos in ("first", "last"):
                 conn(v, "clusterip-same-node", n, pos, 20 + (slope * n if pos == "last" else 0))
                 conn(v, "clusterip-cross-node", n, pos, 45)
@@ -278,3 +278,17 @@ def test_predict_extrapolates_between_linear_and_quadratic():
 def test_uml_variants_compare_with_the_guests_raw_veth():
     assert report.raw_path("ipvs@uml") == "raw-veth-uml"
     assert report.raw_path("nftables") == "raw-veth" and report.raw_path(None) == "raw-veth"
+
+
+def test_the_report_explains_differences_with_its_own_numbers():
+    md = report.markdown(fake_result((1, 1000, 10000)))
+    why = md[md.index("## Where it differs from the published figures, and why"):]
+    # made-up slope: 0.1 µs more per Service for the target matched last = 100 ns per Service
+    assert "iptables-legacy 100 ns per Service at N = 10,000" in why
+    assert "nftables 100.0 s at N = 10,000" in why               # full sync 0.01 s × N
+    assert "user-mode Linux" not in why                          # no variant ran in UML
+    assert "iptables-nft" not in why.split("published ≈ 18 ns")[0]   # only variants that ran
+
+
+def test_a_small_run_claims_no_differences():
+    assert "## Where it differs" not in report.markdown(fake_result())
