@@ -261,27 +261,26 @@ def explanations(result: dict) -> list[str]:
     names = {v["variant"] for v in ran(result)}
     out = []
 
-    def walk_ns(variant: str) -> tuple[int, float] | None:
-        ns = [n for n in service_counts(result, variant) if n >= 1000]
-        if not ns:
-            return None
-        n = ns[-1]
+    def largest(variant: str, at_least: int) -> int | None:
+        ns = service_counts(result, variant) if variant in names else []
+        return ns[-1] if ns and ns[-1] >= at_least else None
+
+    def last_minus_first(variant: str, n: int) -> float | None:
         first = _p50(result, variant, n, "clusterip-same-node", "first")
         last = _p50(result, variant, n, "clusterip-same-node", "last")
-        return (n, (last - first) * 1000 / n) if first is not None and last is not None else None
+        return last - first if first is not None and last is not None else None
 
-    legacy, nft = walk_ns("iptables-legacy") if "iptables-legacy" in names else None, \
-        walk_ns("iptables-nft") if "iptables-nft" in names else None
-    if legacy or nft:
-        parts = [f"{v} {w[1]:.0f} ns per Service at N = {w[0]:,}" for v, w in
-                 (("iptables-legacy", legacy), ("iptables-nft", nft)) if w]
+    parts = [f"{v} {last_minus_first(v, n) * 1000 / n:.0f} ns per Service at N = {n:,}"
+             for v in ("iptables-legacy", "iptables-nft")
+             if (n := largest(v, 1000)) and last_minus_first(v, n) is not None]
+    if parts:
         out.append("- **Cost per Service walked** (" + "; ".join(parts) + "; published ≈ 18 ns). The published "
                    "figure comes from clusters on the iptables-nft back end (the default of current distributions), "
                    "which runs each rule as nf_tables bytecode; iptables-legacy walks x_tables' compact rule blob "
                    "several times faster. Same shape, different slope.")
-    cross = [(v, n) for v in ("iptables-nft", "iptables-legacy") if v in names
-             for n in service_counts(result, v)[-1:] if n >= 1000]
-    for v, n in cross[:1]:
+    cross = next(((v, n) for v in ("iptables-nft", "iptables-legacy") if (n := largest(v, 1000))), None)
+    if cross:
+        v, n = cross
         same, other = _p50(result, v, n, "clusterip-same-node", "last"), _p50(result, v, n, "clusterip-cross-node", "last")
         if same and other:
             out.append(f"- **Across nodes the walk is paid several times** ({v}, N = {n:,}: {other:.0f} µs to the other "
@@ -289,25 +288,20 @@ def explanations(result: dict) -> list[str]:
                        "port from the inner flow's hash, so each new connection opens new outer UDP flows, whose first "
                        "packets walk the nat chains on the sender (OUTPUT) and the receiver (PREROUTING) too. The "
                        "published figures are for one node's first packet.")
-    slow = [(v, n, _full_sync(result, v, n)) for v in ("iptables-nft", "nftables") if v in names
-            for n in service_counts(result, v)[-1:]]
-    slow = [(v, n, t) for v, n, t in slow if t and n >= 10000]
+    slow = [(v, n, t) for v in ("iptables-nft", "nftables")
+            if (n := largest(v, 10000)) and (t := _full_sync(result, v, n))]
     if slow:
         out.append("- **Full syncs are slow at scale with nf_tables back ends** (" + "; ".join(
             f"{v} {t:.1f} s at N = {n:,}" for v, n, t in slow) + "). iptables-nft-restore 1.8.9 with `--noflush` "
             "(which kube-proxy always uses) grows quadratically with the number of chains; `nft -f` 1.0.6 loading "
             "tens of thousands of chains in one transaction is the collapse upstream reports in kubernetes issue "
             "135639. Single-Service changes stay small in both, which is what a running cluster mostly does.")
-    uml = [v for v in names if v.endswith("@uml")]
-    if uml:
+    if any(v.endswith("@uml") for v in names):
         raw = find(result, variant=None, metric="connect", path="raw-veth-uml")
         raw_p50 = raw["summary"]["p50_us"]["median"] if raw else None
         ipvs = service_counts(result, "ipvs@uml") if "ipvs@uml" in names else []
         sync = _full_sync(result, "ipvs@uml", ipvs[-1]) if ipvs else None
-        pairs = [(n, _p50(result, "ipvs@uml", n, "clusterip-same-node", "first"),
-                  _p50(result, "ipvs@uml", n, "clusterip-same-node", "last")) for n in ipvs]
-        ipvs_n = [n for n, a, b in pairs if a is not None and b is not None]
-        diffs = [b - a for n, a, b in pairs if a is not None and b is not None]
+        diffs = [(n, d) for n in ipvs if (d := last_minus_first("ipvs@uml", n)) is not None]
         out.append("- **IPVS runs in a user-mode Linux guest** (this kernel has no ip_vs), where every syscall and "
                    "page fault traps to the host and one CPU runs client, listener and kernel alike: absolute "
                    "latencies are several times the host's, and about 1 % of connections wait for the next tick "
@@ -317,8 +311,8 @@ def explanations(result: dict) -> list[str]:
                       "server does, so ratios to it fall below 1" if raw_p50 else "")
                    + ". Compare `ipvs@uml` with `iptables-legacy@uml` and with the guest's raw veth, not with the "
                    "host rows; what should carry over is the shape, `last` − `first` not growing with N"
-                   + (" (here " + " / ".join(f"{d:+.0f}" for d in diffs) + " µs at N = "
-                      + " / ".join(f"{n:,}" for n in ipvs_n) + ")" if diffs else "") + "."
+                   + (" (here " + " / ".join(f"{d:+.0f}" for _, d in diffs) + " µs at N = "
+                      + " / ".join(f"{n:,}" for n, _ in diffs) + ")" if diffs else "") + "."
                    + (f" A full IPVS sync of {ipvs[-1]:,} Services took {sync:.1f} s in the guest (virtual servers, "
                       "real servers and kube-ipvs0 addresses go in netlink batches; the ipsets in one `ipset restore`)."
                       if sync else ""))

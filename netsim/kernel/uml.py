@@ -210,7 +210,6 @@ def sweep_stale(root: str | None = None) -> list[str]:
     return removed
 
 
-
 def prepare(command: Sequence[str], cwd: str | None = None, env: dict[str, str] | None = None,
             modules: Sequence[str] = MODULES, tmp: Path | None = None) -> Path:
     """A fresh run directory holding the guest's init script; its result file goes there too."""

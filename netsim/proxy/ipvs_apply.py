@@ -35,7 +35,6 @@ import ipaddress
 import os
 import re
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -48,10 +47,10 @@ from .backend import SyncFailed, SyncResult
 from .ipvs import (DUMMY_DEVICE, FLAG_HASHED, FWD_MASQ, IPSET_NAMES, VirtualServer, jump_rules, render,
                    NAT_CHAINS, FILTER_CHAINS)
 from .model import NodeContext, ServicePort
-from .netlink_batch import (IPVS_CMD_DEL_DEST, IPVS_CMD_DEL_SERVICE, IPVS_CMD_FLUSH, IPVS_CMD_NEW_DEST,
-                            IPVS_CMD_NEW_SERVICE, IPVS_CMD_SET_DEST, IPVS_CMD_SET_SERVICE, NETLINK_GENERIC,
-                            NLM_F_CREATE, NLM_F_EXCL, Batch, ipv4_addresses, ipvs_dest, ipvs_service, ipvs_services,
-                            proc_real_servers, rtnl_addresses)
+from .netlink_batch import (IPVS_CMD_DEL_DEST, IPVS_CMD_DEL_SERVICE, IPVS_CMD_NEW_DEST, IPVS_CMD_NEW_SERVICE,
+                            IPVS_CMD_SET_DEST, IPVS_CMD_SET_SERVICE, NETLINK_GENERIC, NLM_F_CREATE, NLM_F_EXCL, Batch,
+                            ipv4_addresses, ipvs_dest, ipvs_flush, ipvs_service, ipvs_services, proc_real_servers,
+                            rtnl_addresses)
 
 BINARIES = {"nft": ("iptables-nft", "iptables-nft-restore", "iptables-nft-save"),
             "legacy": ("iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save")}
@@ -82,6 +81,26 @@ def _numeric(entry: str) -> str:
     which inside user-mode Linux made 10,000 entries take 5.5 s instead of 1 s. ``ipset
     save`` prints the name again, so the diff compares kube-proxy's own spelling."""
     return _PROTO_WORD.sub(lambda m: f",{PROTOCOLS[m.group(1).upper()]}:", entry)
+
+
+def _vs_name(key: tuple) -> str:
+    proto, ip, port = key
+    return f"{proto}/{ip}:{port}"
+
+
+def _service_msg(cmd: int, key: tuple, vs: VirtualServer | None = None) -> bytes:
+    """An IPVS service request for virtual server ``key`` (with ``vs``'s settings, or the key only)."""
+    proto, ip, port = key
+    if vs is None:
+        return ipvs_service(cmd, PROTOCOLS[proto], ip, port)
+    return ipvs_service(cmd, PROTOCOLS[proto], ip, port, vs.scheduler, vs.flags, vs.timeout)
+
+
+def _dest_msg(cmd: int, key: tuple, address: str, weight: int = 1) -> bytes:
+    """An IPVS real-server request: ``address`` ("ip:port") of virtual server ``key``, masqueraded."""
+    proto, ip, port = key
+    rip, rport = address.rsplit(":", 1)
+    return ipvs_dest(cmd, PROTOCOLS[proto], ip, port, rip, int(rport), weight, FWD_MASQ)
 
 
 def _truthy(value: str | bool | None, default: bool) -> bool:
@@ -169,23 +188,28 @@ class Backend:
         addresses, upstream's ``GetAllLocalAddressesExcept``), the primary node IP first."""
         from pyroute2 import IPRoute
         with IPRoute() as ipr:
-            dummy = set(ipr.link_lookup(ifname=DUMMY_DEVICE))
-        found = sorted({ip for index, ip in ipv4_addresses()
-                        if index not in dummy and not ipaddress.ip_address(ip).is_loopback}, key=ipaddress.ip_address)
+            found = ipr.link_lookup(ifname=DUMMY_DEVICE)
+        return self._kernel_addresses(found[0] if found else -1)[0]
+
+    def _kernel_addresses(self, index: int) -> tuple[tuple[str, ...], set[str]]:
+        """From one address dump: the node's addresses (see ``local_addresses``) and the
+        addresses on kube-ipvs0 (link ``index``)."""
+        addrs = ipv4_addresses()
+        found = sorted({ip for i, ip in addrs if i != index and not ipaddress.ip_address(ip).is_loopback},
+                       key=ipaddress.ip_address)
         primary = [ip for ip in self.node.node_ips if ip in found]
-        return tuple(primary + [ip for ip in found if ip not in primary])
+        return tuple(primary + [ip for ip in found if ip not in primary]), {ip for i, ip in addrs if i == index}
 
     def sync(self, ports: Sequence[ServicePort], changed: set[str] | None) -> SyncResult:
         full = changed is None
-        # A partial sync trusts what this backend last left in the kernel: with thousands of
-        # Services, dumping kube-ipvs0's addresses costs more than the change itself.
-        if full or self._local is None:
-            self._local = self.local_addresses()
-        node = replace(self.node, node_ips=self._local or self.node.node_ips)
-        st = render(ports, node, self.kernel)
         written = 0
         with self._lock:
             index = self._ensure_dummy()
+            # A partial sync trusts what this backend last left in the kernel: with thousands
+            # of Services, dumping kube-ipvs0's addresses costs more than the change itself.
+            if full or self._local is None or self._bound is None:
+                self._local, self._bound = self._kernel_addresses(index)
+            st = render(ports, replace(self.node, node_ips=self._local or self.node.node_ips), self.kernel)
             try:
                 written += self._sync_ipsets(st, full)
                 if full or st.iptables != self._iptables_written:
@@ -201,8 +225,6 @@ class Backend:
                 self._sets_written = None
                 self._iptables_written = None
                 raise
-            if full or self._bound is None:
-                self._bound = self._addresses(index)
             written += self._bind(index, st.bind_addresses, add=True)
             try:
                 written += self._sync_servers(st.virtual_servers, full)
@@ -215,14 +237,10 @@ class Backend:
             written += self._bind(index, st.bind_addresses, add=False)
         return SyncResult(full=full, rules=len(st.virtual_servers) + st.real_server_count, written=written)
 
-    @staticmethod
-    def _addresses(index: int) -> set[str]:
-        return {ip for i, ip in ipv4_addresses() if i == index}
-
     def _bind(self, index: int, wanted: Sequence[str], add: bool) -> int:
         """Add the missing addresses (``add``) or remove the superfluous ones from kube-ipvs0,
         against ``self._bound`` (what is there), which it keeps up to date; one netlink batch."""
-        have = self._bound if self._bound is not None else self._addresses(index)
+        have = self._bound
         todo = sorted(set(wanted) - have) if add else sorted(have - set(wanted))
         if todo:
             self._bound = None                     # unsure what is there until the batch is done
@@ -295,11 +313,10 @@ class Backend:
     def current_servers(self) -> dict[tuple, dict]:
         """The kernel's virtual servers: key → {"sched", "flags", "timeout", "dests":
         {"ip:port": (weight, active, inactive)}}. The servers come from one lean netlink dump,
-        their real servers from one read of /proc/net/ip_vs: with 10,000 Services, decoding
+        their real servers from one read of /proc/net/ip_vs (``real_servers``): with 10,000 Services, decoding
         through pyroute2 and a dest dump per server would take minutes and, inside a 1 GiB
         user-mode Linux guest, more memory than there is."""
-        self.ipvs                                 # the family id; a clear error without IPVS
-        dests = proc_real_servers(Path(PROC_IP_VS).read_text())
+        dests = self.real_servers()
         out = {}
         for svc in ipvs_services(self.family):
             key = (PROTOCOL_NAMES.get(svc["protocol"], "?"), svc["addr"], svc["port"])
@@ -308,25 +325,16 @@ class Backend:
         return out
 
     @staticmethod
-    def _service(key: tuple, vs: VirtualServer | None = None):
-        from pyroute2 import IPVSService
-        proto, ip, port = key
-        kw = dict(addr=ip, port=port, protocol=PROTOCOLS[proto])
-        if vs is not None:
-            kw.update(sched_name=vs.scheduler, flags={"flags": vs.flags, "mask": 0xFFFF}, timeout=vs.timeout)
-        return IPVSService(**kw)
-
-    @staticmethod
-    def _dest(address: str, weight: int = 1):
-        from pyroute2 import IPVSDest
-        ip, port = address.rsplit(":", 1)
-        return IPVSDest(addr=ip, port=int(port), weight=weight, fwd_method=FWD_MASQ)
+    def real_servers() -> dict[tuple, dict[str, tuple[int, int, int]]]:
+        """Every virtual server's real servers with (weight, active, inactive), one read."""
+        return proc_real_servers(Path(PROC_IP_VS).read_text())
 
     def _service_dests(self, key: tuple) -> dict[str, tuple]:
         """One virtual server's real servers with their connection counts (one small dump)."""
-        from pyroute2 import IPVSDest
+        from pyroute2 import IPVSDest, IPVSService
+        proto, ip, port = key
         out = {}
-        for d in self.ipvs.dest("dump", service=self._service(key)):
+        for d in self.ipvs.dest("dump", service=IPVSService(addr=ip, port=port, protocol=PROTOCOLS[proto])):
             dest = IPVSDest.from_message(d)
             out[f"{dest['addr']}:{dest.get('IPVS_DEST_ATTR_PORT')}"] = (
                 dest.get("IPVS_DEST_ATTR_WEIGHT", 0), dest.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0),
@@ -352,45 +360,39 @@ class Backend:
         draining = dict(self.draining)
         for vs in wanted:
             cur = current.get(vs.key)
-            proto, ip, port = vs.key
-            p = PROTOCOLS[proto]
+            name = _vs_name(vs.key)
             if cur is None:
-                batch.add(ipvs_service(IPVS_CMD_NEW_SERVICE, p, ip, port, vs.scheduler, vs.flags, vs.timeout),
-                          f"add virtual server {proto}/{ip}:{port}", NLM_F_CREATE | NLM_F_EXCL)
+                batch.add(_service_msg(IPVS_CMD_NEW_SERVICE, vs.key, vs), f"add virtual server {name}",
+                          NLM_F_CREATE | NLM_F_EXCL)
                 cur = {"dests": {}}
             elif (cur["sched"], cur["flags"], cur["timeout"] if cur["flags"] & 1 else 0) != \
                     (vs.scheduler, vs.flags, vs.timeout):   # in place: the VIP never goes away
-                batch.add(ipvs_service(IPVS_CMD_SET_SERVICE, p, ip, port, vs.scheduler, vs.flags, vs.timeout),
-                          f"change virtual server {proto}/{ip}:{port}")
+                batch.add(_service_msg(IPVS_CMD_SET_SERVICE, vs.key, vs), f"change virtual server {name}")
             for r in vs.reals:
                 have = cur["dests"].get(r.address)
-                rip, rport = r.address.rsplit(":", 1)
                 if have is None:
-                    batch.add(ipvs_dest(IPVS_CMD_NEW_DEST, p, ip, port, rip, int(rport), r.weight, FWD_MASQ),
-                              f"add real server {r.address} to {proto}/{ip}:{port}", NLM_F_CREATE | NLM_F_EXCL)
+                    batch.add(_dest_msg(IPVS_CMD_NEW_DEST, vs.key, r.address, r.weight),
+                              f"add real server {r.address} to {name}", NLM_F_CREATE | NLM_F_EXCL)
                 elif have[0] != r.weight:                   # back from draining
-                    batch.add(ipvs_dest(IPVS_CMD_SET_DEST, p, ip, port, rip, int(rport), r.weight, FWD_MASQ),
-                              f"set real server {r.address} of {proto}/{ip}:{port} to weight {r.weight}")
+                    batch.add(_dest_msg(IPVS_CMD_SET_DEST, vs.key, r.address, r.weight),
+                              f"set real server {r.address} of {name} to weight {r.weight}")
                 draining.pop((vs.key, r.address), None)
             want = {r.address for r in vs.reals}
             for addr, (weight, active, inactive) in cur["dests"].items():
                 if addr in want or (vs.key, addr) in draining:
                     continue
                 # GracefulDeleteRS: delete now if nothing uses it (UDP/SCTP: always), else weight 0
-                rip, rport = addr.rsplit(":", 1)
-                if active + inactive == 0 or proto != "TCP":
-                    batch.add(ipvs_dest(IPVS_CMD_DEL_DEST, p, ip, port, rip, int(rport)),
-                              f"delete real server {addr} of {proto}/{ip}:{port}", ignore=(errno.ENOENT,))
+                if active + inactive == 0 or vs.key[0] != "TCP":
+                    batch.add(_dest_msg(IPVS_CMD_DEL_DEST, vs.key, addr), f"delete real server {addr} of {name}",
+                              ignore=(errno.ENOENT,))
                 else:
-                    batch.add(ipvs_dest(IPVS_CMD_SET_DEST, p, ip, port, rip, int(rport), 0, FWD_MASQ),
-                              f"drain real server {addr} of {proto}/{ip}:{port}")
+                    batch.add(_dest_msg(IPVS_CMD_SET_DEST, vs.key, addr, 0), f"drain real server {addr} of {name}")
                     draining[(vs.key, addr)] = now
         keys = {vs.key for vs in wanted}
         for key in current:
             if key not in keys:
-                proto, ip, port = key
-                batch.add(ipvs_service(IPVS_CMD_DEL_SERVICE, PROTOCOLS[proto], ip, port),
-                          f"delete virtual server {proto}/{ip}:{port}", ignore=(errno.ESRCH, errno.ENOENT))
+                batch.add(_service_msg(IPVS_CMD_DEL_SERVICE, key), f"delete virtual server {_vs_name(key)}",
+                          ignore=(errno.ESRCH, errno.ENOENT))
                 for k in [k for k in draining if k[0] == key]:
                     del draining[k]
         failures = batch.send()
@@ -404,41 +406,43 @@ class Backend:
             for vs in wanted}
         return len(batch)
 
-    def check_draining(self, ipvs=None) -> int:
+    def check_draining(self) -> int:
         """Delete the weight-0 real servers that have no connections left (or whose grace ran
-        out); returns how many were deleted. ``ipvs``: the caller thread's own socket."""
+        out); returns how many were deleted. Runs in the graceful-termination thread too: its
+        reads and writes open their own sockets in the calling thread's netns."""
         if not self.draining:
             return 0
-        ipvs = ipvs or self.ipvs
         with self._lock:
-            current = self.current_servers()
-            n = 0
+            current = self.real_servers()
             now = time.monotonic()
+            batch = Batch(NETLINK_GENERIC, self.family)
+            gone = []
             for (key, addr), since in list(self.draining.items()):
-                cur = current.get(key)
-                dest = cur["dests"].get(addr) if cur else None
+                dest = current.get(key, {}).get(addr)
                 if dest is None:
                     del self.draining[(key, addr)]
                     continue
                 expired = self.grace is not None and now - since >= self.grace
                 if dest[1] + dest[2] == 0 or expired:
-                    ipvs.dest("del", service=self._service(key), dest=self._dest(addr))
-                    del self.draining[(key, addr)]
-                    if self._servers_written is not None and key in self._servers_written:
-                        self._servers_written[key]["dests"].pop(addr, None)
-                    n += 1
-            return n
+                    batch.add(_dest_msg(IPVS_CMD_DEL_DEST, key, addr), f"delete drained real server {addr} of "
+                              f"{_vs_name(key)}", ignore=(errno.ENOENT,))
+                    gone.append((key, addr))
+            failures = batch.send()
+            if failures:
+                raise SyncFailed(f"IPVS: {failures[0]}")
+            for key, addr in gone:
+                del self.draining[(key, addr)]
+                if self._servers_written is not None and key in self._servers_written:
+                    self._servers_written[key]["dests"].pop(addr, None)
+            return len(gone)
 
     def _graceful_loop(self) -> None:
-        """upstream re-checks its graceful-termination list every minute; a pyroute2 socket
-        belongs to the thread that made it, so this thread opens its own (in the same netns)."""
-        from pyroute2 import IPVS
-        with IPVS() as ipvs:
-            while not self._stop.wait(self.graceful_period):
-                try:
-                    self.check_draining(ipvs)
-                except Exception as exc:            # reported; the next sync shows kernel trouble
-                    print(f"kube-proxy: graceful termination check failed: {exc}", file=sys.stderr, flush=True)
+        """upstream re-checks its graceful-termination list every minute."""
+        while not self._stop.wait(self.graceful_period):
+            try:
+                self.check_draining()
+            except Exception as exc:                # reported; the next sync shows kernel trouble
+                print(f"kube-proxy: graceful termination check failed: {exc}", file=sys.stderr, flush=True)
 
     # -- cleanup (kube-proxy --cleanup for IPVS mode) -----------------------------------------
     def cleanup(self) -> str:
@@ -475,14 +479,14 @@ class Backend:
                            capture_output=True)
             removed.append(f"{len(sets)} ipsets")
         try:
-            ipvs = self.ipvs
+            family = self.family
         except SyncFailed:
-            ipvs = None                              # no IPVS in this kernel: no servers either
-        if ipvs is not None:
+            family = None                            # no IPVS in this kernel: no servers either
+        if family is not None:
             with self._lock:                         # upstream's cleanup: ipvs.Flush()
                 servers = self._count_servers()
-                batch = Batch(NETLINK_GENERIC, self.family)
-                batch.add(struct.pack("=BBH", IPVS_CMD_FLUSH, 1, 0), "flush IPVS")
+                batch = Batch(NETLINK_GENERIC, family)
+                batch.add(ipvs_flush(), "flush IPVS")
                 failures = batch.send()
                 if failures:
                     raise SyncFailed(f"IPVS: {failures[0]}")
